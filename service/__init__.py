@@ -1,0 +1,1 @@
+"""The HTTP side of the caption service: protocol types, errors, auth and the OpenAI spec."""

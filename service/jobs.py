@@ -1,0 +1,66 @@
+"""Turn a validated chat request into a `CaptionJob`, in the API-server process.
+
+Every check that can fail for one request happens here, before it is queued: a bad image then
+costs its own request a 400 and never fails the batch it would have joined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.images import ImageError, decode_data_url
+from model.types import CaptionJob, ImagePart, Message, SamplingParams, TextPart
+from service.errors import APIError
+from service.protocol import ChatCompletionRequest, ImageContent
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    default_max_tokens: int
+    max_output_tokens: int
+    max_images: int
+    max_image_pixels: int
+
+
+def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str = "") -> CaptionJob:
+    messages: list[Message] = []
+    n_images = 0
+    for i, msg in enumerate(request.messages):
+        role = "system" if msg.role == "developer" else msg.role
+        if isinstance(msg.content, str):
+            messages.append(Message(role=role, content=[TextPart(msg.content)]))
+            continue
+        parts = []
+        for j, part in enumerate(msg.content):
+            if isinstance(part, ImageContent):
+                if role != "user":
+                    raise APIError(400, f"images are only accepted in user messages, not in a {msg.role} "
+                                        "message", param=f"messages.{i}.content.{j}")
+                n_images += 1
+                if n_images > limits.max_images:
+                    raise APIError(400, f"too many images: at most {limits.max_images} per request "
+                                        "(MAX_IMAGES_PER_REQUEST)", param=f"messages.{i}.content.{j}",
+                                   code="too_many_images")
+                try:
+                    parts.append(ImagePart(decode_data_url(part.url, limits.max_image_pixels)))
+                except ImageError as exc:
+                    raise APIError(400, f"messages[{i}].content[{j}]: {exc}",
+                                   param=f"messages.{i}.content.{j}.image_url", code="invalid_image") from None
+            else:
+                parts.append(TextPart(part.text))
+        messages.append(Message(role=role, content=parts))
+    if not any(m.role == "user" for m in messages):
+        raise APIError(400, "messages must contain at least one user message", param="messages")
+    return CaptionJob(messages=messages, params=_sampling(request, limits), request_id=request_id)
+
+
+def _sampling(request: ChatCompletionRequest, limits: JobLimits) -> SamplingParams:
+    max_tokens = request.requested_max_tokens()
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, limits.max_output_tokens)
+    elif max_tokens > limits.max_output_tokens:
+        param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        raise APIError(400, f"{param} is {max_tokens}, over this server's limit of {limits.max_output_tokens} "
+                            "(MAX_OUTPUT_TOKENS)", param=param, code="max_tokens_exceeded")
+    return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                          seed=request.seed, stop=list(request.stop or []))
