@@ -42,7 +42,8 @@ def decode_data_url(url: str, max_pixels: int) -> Image.Image:
     mime = (match.group("mime") or "").lower()
     if mime not in _MIME_ALIASES:
         raise ImageError(f"unsupported image type '{mime or 'none'}' in data URL; PNG and JPEG are supported")
-    payload = url[match.end():].strip()
+    # MIME-style base64 wraps lines; whitespace carries no data.
+    payload = "".join(url[match.end():].split())
     if not payload:
         raise ImageError("data URL carries no image data")
     try:
@@ -85,7 +86,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":

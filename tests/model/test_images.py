@@ -1,0 +1,38 @@
+import base64
+
+import pytest
+
+from model.images import ImageError, decode_data_url
+from tests.helpers import data_url, png_bytes
+
+
+def test_alpha_is_flattened_onto_white():
+    image = decode_data_url(data_url(png_bytes(4, 4, (0, 0, 0, 0), mode="RGBA")), 10**6)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    image = decode_data_url(data_url(png_bytes(4, 4, 32768, mode="I;16")), 10**6)
+    assert image.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(ImageError, match="MAX_IMAGE_PIXELS"):
+        decode_data_url(data_url(png_bytes(100, 100)), max_pixels=9_999)
+
+
+@pytest.mark.parametrize("url,fragment", [
+    ("data:image/png;base64,%%%", "not valid base64"),
+    ("http://example.com/x.png", "remote image URLs are disabled"),
+    ("s3://bucket/x.png", "unsupported image URL scheme 's3'"),
+    ("data:image/webp;base64,AAAA", "unsupported image type 'image/webp'"),
+    (data_url(b"GIF89a not really"), "not a PNG or JPEG"),
+])
+def test_errors_name_the_problem(url, fragment):
+    with pytest.raises(ImageError, match=fragment):
+        decode_data_url(url, 10**6)
+
+
+def test_jpeg_is_accepted():
+    raw = png_bytes(8, 8, (10, 200, 10), fmt="JPEG")
+    assert decode_data_url(f"data:image/jpeg;base64,{base64.b64encode(raw).decode()}", 10**6).size == (8, 8)

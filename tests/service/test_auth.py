@@ -1,0 +1,60 @@
+"""Bearer-key authentication on the inference and model-listing routes."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.conftest import API_KEY
+from tests.helpers import Service, data_url, nv_ingest_body, png_bytes
+
+BODY = nv_ingest_body(data_url(png_bytes()))
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({}, 401),
+    ({"Authorization": "Bearer wrong-key"}, 401),
+    ({"Authorization": f"Bearer {API_KEY}x"}, 401),
+    ({"Authorization": API_KEY}, 401),
+    ({"X-API-Key": API_KEY}, 401),
+    ({"Authorization": f"Bearer {API_KEY}"}, 200),
+    ({"Authorization": f"bearer {API_KEY}"}, 200),
+])
+def test_key_required_on_inference_and_models(mock_service, headers, status):
+    chat = requests.post(mock_service.chat_url, json=BODY, headers=headers, timeout=30)
+    models = requests.get(f"{mock_service.url}/v1/models", headers=headers, timeout=30)
+    assert chat.status_code == status
+    assert models.status_code == status
+    if status == 401:
+        assert chat.json()["error"]["type"] == "authentication_error"
+        assert API_KEY not in chat.text
+
+
+def test_health_needs_no_key(mock_service):
+    assert requests.get(f"{mock_service.url}/health", timeout=10).status_code == 200
+
+
+def test_key_never_logged(mock_service):
+    requests.post(mock_service.chat_url, json=BODY, headers={"Authorization": "Bearer leaked-guess"}, timeout=30)
+    assert API_KEY not in mock_service.log()
+    assert "leaked-guess" not in mock_service.log()
+
+
+def test_nim_require_auth_0_turns_the_check_off(tmp_path):
+    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NGC_API_KEY": API_KEY, "NIM_REQUIRE_AUTH": "0",
+                       "MAX_BATCH_SIZE": "1"}, tmp_path / "open.log")
+    try:
+        assert requests.post(service.chat_url, json=BODY, timeout=30).status_code == 200
+        assert requests.get(f"{service.url}/v1/models", timeout=30).status_code == 200
+    finally:
+        assert service.stop() == 0
+
+
+def test_nvidia_api_key_is_honoured_too(tmp_path):
+    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NVIDIA_API_KEY": "other-key"}, tmp_path / "nv.log")
+    try:
+        assert requests.post(service.chat_url, json=BODY, timeout=30).status_code == 401
+        ok = requests.post(service.chat_url, json=BODY, headers={"Authorization": "Bearer other-key"}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        service.stop()
