@@ -1,0 +1,186 @@
+"""Find, check and load a `NemotronH_Nano_VL_V2` checkpoint (hub id or local folder) without remote code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from model.architecture import NemotronNanoVLV2
+from model.config import VLConfig, translate_config
+from model.weights import iter_native
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"
+_FULL_SIZE_LLM_HIDDEN = 5120
+
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
+
+NO_GPU_MESSAGE = (
+    "MODEL_ID={model_id} is the full 12B model, which needs a CUDA GPU, and none is visible.\n"
+    "  - To run the API without a model: ENABLE_MOCK_INFERENCE=1\n"
+    "  - To run the real engine on CPU with a tiny random checkpoint:\n"
+    "        python -m model.tiny /tmp/tiny-nemotron-vl && MODEL_ID=/tmp/tiny-nemotron-vl DEVICE=cpu ...\n"
+    "  - To force the 12B model onto the CPU anyway (very slow, ~50 GB RAM): DEVICE=cpu"
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype in ("", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"DTYPE={dtype!r} is not a torch dtype (try bfloat16, float16, float32, auto)")
+    return resolved
+
+
+def _is_full_size(model_id: str) -> bool:
+    if model_id == DEFAULT_MODEL_ID:
+        return True
+    config_path = Path(model_id) / "config.json"
+    if config_path.is_file():
+        try:
+            llm = json.loads(config_path.read_text()).get("llm_config", {})
+        except (OSError, ValueError):
+            return False
+        return int(llm.get("hidden_size", 0)) >= _FULL_SIZE_LLM_HIDDEN
+    return False
+
+
+def check_can_run(model_id: str, device: str) -> None:
+    """Refuse early (SystemExit with advice) when the configured model cannot run on this machine."""
+    wants_cuda = device.startswith("cuda")
+    if wants_cuda and not torch.cuda.is_available():
+        raise SystemExit(f"DEVICE={device} but no CUDA GPU is visible.\n" + NO_GPU_MESSAGE.format(model_id=model_id))
+    if device != "cpu" and not torch.cuda.is_available() and _is_full_size(model_id):
+        raise SystemExit(NO_GPU_MESSAGE.format(model_id=model_id))
+
+
+def resolve_model_path(model_id: str, revision: str | None = None) -> Path:
+    """A local folder is used as is; anything else is downloaded (with progress bars) from the hub."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download  # honours HF_HOME and HF_HUB_* env vars
+
+    path = snapshot_download(
+        repo_id=model_id,
+        revision=revision or None,
+        token=os.environ.get("HF_TOKEN") or None,
+        allow_patterns=_DOWNLOAD_PATTERNS,
+    )
+    return Path(path)
+
+
+def read_config(path: Path) -> VLConfig:
+    return translate_config(json.loads((path / "config.json").read_text()))
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    # The fast tokenizer file plus tokenizer_config.json (chat template included); no remote code involved.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    if not tokenizer.chat_template:
+        jinja = path / "chat_template.jinja"
+        if jinja.is_file():
+            tokenizer.chat_template = jinja.read_text()
+        else:
+            raise ValueError(f"{path} has no chat template (tokenizer_config.json or chat_template.jinja)")
+    return tokenizer
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+
+
+def build_model(config: VLConfig, device: torch.device | str = "meta") -> NemotronNanoVLV2:
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = "sdpa"
+    with torch.device(device):
+        return NemotronNanoVLV2(config)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    return files
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def load_weights(model: NemotronNanoVLV2, path: Path, device: torch.device, dtype: torch.dtype) -> LoadReport:
+    """Stream official tensors into a meta-device model; report every key that does not line up."""
+    expected = {k: v for k, v in model.state_dict().items()}
+    seen: set[str] = set()
+    report = LoadReport()
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for native_name, tensor, official_name in iter_native((k, f.get_tensor(k)) for k in f.keys()):
+                if tensor is None or native_name not in expected:
+                    report.unexpected.append(official_name)
+                    continue
+                if tuple(tensor.shape) != tuple(expected[native_name].shape):
+                    report.shape_mismatch.append(
+                        f"{official_name}: {tuple(tensor.shape)} vs {tuple(expected[native_name].shape)}"
+                    )
+                    continue
+                target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+                _set_tensor(model, native_name, tensor.to(device=device, dtype=target_dtype))
+                seen.add(native_name)
+    report.missing = sorted(set(expected) - seen)
+    # Non-persistent buffers are no checkpoint keys; rebuild the one we have (RADIO summary_idxs) for real.
+    summary = torch.tensor(model.config.vision_config.summary_idxs, dtype=torch.long, device=device)
+    model.vision_model._buffers["summary_idxs"] = summary
+    return report
+
+
+def load_model(
+    model_id: str, revision: str | None, device: str = "auto", dtype: str = "auto"
+) -> tuple[NemotronNanoVLV2, PreTrainedTokenizerFast, Path]:
+    path = resolve_model_path(model_id, revision)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config = read_config(path)
+    model = build_model(config, "meta")
+    report = load_weights(model, path, torch_device, torch_dtype)
+    problems = []
+    if report.missing:
+        problems.append(f"missing: {report.missing[:10]} ({len(report.missing)} in all)")
+    if report.unexpected:
+        problems.append(f"unexpected: {report.unexpected[:10]} ({len(report.unexpected)} in all)")
+    if report.shape_mismatch:
+        problems.append(f"shape mismatch: {report.shape_mismatch[:10]}")
+    if problems:
+        raise RuntimeError(f"checkpoint {path} does not match the architecture: " + "; ".join(problems))
+    model.eval()
+    tokenizer = load_tokenizer(path)
+    log.info("loaded %s on %s as %s", path, torch_device, torch_dtype)
+    return model, tokenizer, path

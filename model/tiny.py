@@ -1,0 +1,244 @@
+"""Write a tiny random-weight checkpoint in the official on-disk layout: `python -m model.tiny OUT_DIR`.
+
+Same config.json form as nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16 (model_type NemotronH_Nano_VL_V2,
+llm_config, vision_config with RADIO `args`, ...), safetensors shards with the official tensor names, a
+byte-level BPE tokenizer trained here (no download) with the official special tokens, and a chat
+template of the official form. Tiles stay 512x512 with 256 tokens each, so prompts have real lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from model.config import translate_config
+from model.loader import build_model
+from model.weights import native_to_official
+
+# Ids 0..12 follow the official tokenizer (`<s>`=1, `<SPECIAL_10/11/12>`=10/11/12, EOS `<SPECIAL_12>`).
+SPECIAL_TOKENS = (
+    ["<unk>", "<s>", "</s>"]
+    + [f"<SPECIAL_{i}>" for i in range(3, 13)]
+    + ["<img>", "</img>", "<image>", "<video>", "<think>", "</think>"]
+)
+
+# Same shape as the official template: BOS, System block, User/Assistant turns marked by <SPECIAL_11>,
+# and an empty think block opened and closed right away under /no_think.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<SPECIAL_10>System\\n' + ns.system + '\\n' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<SPECIAL_11>User\\n' + message['content'] + '\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<SPECIAL_11>Assistant\\n' + message['content'] + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<SPECIAL_11>Assistant\\n' -}}"
+    "{%- if '/no_think' in ns.system -%}{{- '<think></think>' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+# Training text for the BPE merges: caption-like English, so random greedy output decodes to words.
+_CORPUS = """
+A photograph of a red car parked on a quiet street next to a tall building.
+The chart shows revenue growing every quarter, with the largest increase in the fourth quarter.
+A table lists the name, age, city and occupation of twelve people.
+Two children are playing with a brown dog in a green park on a sunny afternoon.
+The diagram explains how water moves from the ocean to the clouds and back to the land.
+A screenshot of a web page with a search box, a menu and several links.
+The image contains handwritten notes about a meeting, including dates and action items.
+A bar graph compares the population of five countries in the year 2020.
+An aerial view of a river winding through a forest with mountains in the background.
+The slide presents three key findings: costs fell, quality improved and customers were satisfied.
+A close-up of a circuit board with chips, resistors and small blue capacitors.
+The map highlights the northern region in yellow and the southern region in blue.
+A person wearing a white shirt is reading a book at a wooden table near a window.
+The invoice shows the total amount due, the payment terms and the company address.
+A line chart of temperature over time, rising in summer and falling in winter.
+Caption: a scanned document page with a title, two paragraphs of text and a signature.
+The figure illustrates the architecture of a neural network with an encoder and a decoder.
+There are several boats in the harbor, and the sky is clear with a few white clouds.
+The logo consists of a green circle with white letters in the middle.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 25 50 100 2024. Percent, dollars, units and totals.
+Unicode test: café, naïve, Zürich, München, São Paulo, 東京, 北京, Ελλάδα, Москва, 😀 🚗 📊.
+"""
+
+
+def build_tokenizer(vocab_size: int = 640) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="<SPECIAL_12>",
+        unk_token="<unk>",
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<unk>", "<s>", "<SPECIAL_12>")],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    assert fast.convert_tokens_to_ids("<SPECIAL_12>") == 12
+    return fast
+
+
+def tiny_official_config(vocab_size: int, img_context_token_id: int) -> dict:
+    """Same keys as the official config.json, tiny sizes."""
+    return {
+        "architectures": ["NemotronH_Nano_VL_V2"],
+        "model_type": "NemotronH_Nano_VL_V2",
+        "torch_dtype": "bfloat16",
+        "force_image_size": 512,
+        "patch_size": 16,
+        "downsample_ratio": 0.5,
+        "ps_version": "v2",
+        "image_tag_type": "internvl",
+        "template": "nemotron-h-5p5",
+        "img_context_token": "<image>",
+        "img_start_token": "<img>",
+        "img_end_token": "</img>",
+        "img_context_token_id": img_context_token_id,
+        "video_context_token": "<video>",
+        "projector_hidden_size": 256,
+        "vit_hidden_size": 32,
+        "norm_mean": [0.48145466, 0.4578275, 0.40821073],
+        "norm_std": [0.26862954, 0.26130258, 0.27577711],
+        "use_thumbnail": True,
+        "llm_config": {
+            "architectures": ["NemotronHForCausalLM"],
+            "model_type": "nemotron_h",
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 6,
+            "hybrid_override_pattern": "M-M*M-",
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "mamba_num_heads": 8,
+            "mamba_head_dim": 16,
+            "ssm_state_size": 16,
+            "n_groups": 2,
+            "conv_kernel": 4,
+            "expand": 2,
+            "chunk_size": 16,
+            "use_conv_bias": True,
+            "use_bias": False,
+            "mlp_bias": False,
+            "attention_bias": False,
+            "mlp_hidden_act": "relu2",
+            "mamba_hidden_act": "silu",
+            "layer_norm_epsilon": 1e-5,
+            "residual_in_fp32": False,
+            "rescale_prenorm_residual": True,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 131072,
+            "bos_token_id": 1,
+            "eos_token_id": 12,
+            "pad_token_id": 0,
+            "num_logits_to_keep": 1,
+            "torch_dtype": "bfloat16",
+        },
+        "vision_config": {
+            "architectures": ["RADIOModel"],
+            "model_type": "radio_model",
+            "args": {
+                # timm kwargs override the named geometry (the official file names vit_huge_patch16_224 only)
+                "model": "vit_huge_patch16_224",
+                "embed_dim": 32,
+                "depth": 2,
+                "num_heads": 2,
+                "cpe_max_size": 2048,
+                "register_multiple": 8,
+                "cls_token_per_teacher": True,
+                "teachers": [
+                    {"name": "clip", "use_summary": True},
+                    {"name": "siglip", "use_summary": True},
+                    {"name": "dino_v2", "use_summary": True},
+                    {"name": "sam", "use_summary": False},
+                ],
+            },
+            "patch_size": 16,
+            "max_resolution": 2048,
+            "preferred_resolution": [512, 512],
+            "adaptor_names": None,
+            "vitdet_window_size": None,
+            "torch_dtype": "bfloat16",
+        },
+    }
+
+
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    vocab_size = int(math.ceil(len(tokenizer) / 64) * 64)
+    official = tiny_official_config(vocab_size, tokenizer.convert_tokens_to_ids("<image>"))
+    config = translate_config(official)
+
+    torch.manual_seed(seed)
+    model = build_model(config, "cpu")
+    with torch.no_grad():
+        # Larger embedding/head scale than the 0.02 init so greedy output wanders through the vocabulary.
+        model.language_model.model.embeddings.weight.normal_(0.0, 1.0)
+        model.language_model.lm_head.weight.normal_(0.0, 0.5)
+        # Special tokens (ids below the first BPE token) and padding rows never win the argmax:
+        # random output stays text, and EOS only ends a generation when a test asks for it.
+        model.language_model.lm_head.weight[: len(SPECIAL_TOKENS)] = 0.0
+        model.language_model.lm_head.weight[len(tokenizer) :] = 0.0
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    official_state = native_to_official(state)
+
+    # Two shards plus an index, like the official layout.
+    shards = {
+        "model-00001-of-00002.safetensors": {k: v for k, v in official_state.items() if k.startswith("language_model.")},
+        "model-00002-of-00002.safetensors": {
+            k: v for k, v in official_state.items() if not k.startswith("language_model.")
+        },
+    }
+    weight_map = {}
+    for file_name, tensors in shards.items():
+        save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+        weight_map.update({k: file_name for k in tensors})
+    total = sum(v.numel() * v.element_size() for v in official_state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+    )
+    (out / "config.json").write_text(json.dumps(official, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": [2, 12], "pad_token_id": 0}, indent=2)
+    )
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = write_tiny_checkpoint(args.out_dir, args.seed)
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    print(f"wrote tiny checkpoint to {path} ({size / 1e6:.1f} MB); use MODEL_ID={path} DEVICE=cpu")
+
+
+if __name__ == "__main__":
+    main()
