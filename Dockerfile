@@ -1,0 +1,98 @@
+# syntax=docker/dockerfile:1
+#
+# Caption service: NVIDIA Nemotron Nano 12B v2 VL behind an OpenAI-compatible
+# POST /v1/chat/completions, a drop-in for the NIM that nv-ingest calls as `vlm`.
+#
+#   docker build -t nemotron-caption:latest .
+#   docker run --gpus all --shm-size=2g -p 8000:8000 \
+#       -e NGC_API_KEY -v nemotron-cache:/cache nemotron-caption:latest
+#
+# Base image: torch==2.13.0 from PyPI (requirements.txt) is the CUDA 13 build and
+# brings its own CUDA user-space libraries as wheels (cuda-toolkit 13.0.x, cuDNN,
+# NCCL), so the base only has to provide the NVIDIA container-runtime wiring
+# (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES, NVIDIA_REQUIRE_CUDA=13.0):
+# the `base` flavour of the CUDA image is enough and keeps the image ~2 GB smaller
+# than `runtime`. Host requirement: an NVIDIA driver that supports CUDA 13 (>= 580).
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+ARG DEBIAN_FRONTEND=noninteractive
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Ubuntu 24.04 ships Python 3.12. tini is PID 1: it forwards SIGTERM to
+# `python server.py` (which turns it into LitServe's orderly shutdown) and reaps
+# the worker processes LitServe forks/spawns.
+# Versions of the distro packages are not pinned: the base image tag pins the
+# Ubuntu release, and security updates should flow in on rebuild.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3 python3-venv ca-certificates tini \
+    && rm -rf /var/lib/apt/lists/*
+
+# A virtual environment owned by root (read-only for the service user):
+# Ubuntu's system Python is "externally managed" (PEP 668).
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN python3 -m venv "$VIRTUAL_ENV"
+
+WORKDIR /app
+
+# Exactly what the README installs for the service. Copied alone first so the
+# (large) dependency layer is rebuilt only when requirements.txt changes.
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+# Optional GPU kernels for the Mamba layers (mamba-ssm, causal-conv1d) are NOT
+# installed. With MAMBA_SKIP_CUDA_BUILD=TRUE / CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE
+# only their Triton/Python parts get installed, but causal-conv1d's Python module
+# imports its compiled CUDA extension unconditionally, and transformers picks the
+# fast path as soon as the packages are importable - so a skip-build install can
+# turn a working pure-PyTorch model into an import error. Triton kernels also
+# need a C compiler and Python headers at run time (not in this image). Doing it
+# properly means building wheels in a `-devel` stage with nvcc against the exact
+# torch version above; left for when we measure that the speed-up is worth it.
+
+# The service code only (see .dockerignore: no tests, .git, caches, docs).
+# Add any new top-level package used by server.py here; tests/test_deploy.py
+# checks that every local module it imports is copied.
+COPY server.py client.py ./
+COPY model/ model/
+COPY service/ service/
+
+# Non-root user; the model cache lives in a volume it owns. A fresh named volume
+# mounted on /cache inherits this ownership; on Kubernetes use fsGroup: 1000.
+RUN groupadd --system --gid 1000 app \
+    && useradd --system --uid 1000 --gid app --create-home --home-dir /home/app app \
+    && mkdir -p /cache/huggingface \
+    && chown -R app:app /cache
+
+# Container-specific settings only. Every other setting of server.py
+# (MAX_BATCH_SIZE, BATCH_TIMEOUT, WORKERS_PER_DEVICE, LOG_LEVEL,
+# ENABLE_MOCK_INFERENCE, MODEL_ID, MODEL_REVISION, DEVICE, DTYPE, MAX_NUM_TILES,
+# NIM_SERVED_MODEL_NAME, NGC_API_KEY / NVIDIA_API_KEY, NIM_REQUIRE_AUTH, HF_TOKEN,
+# ...) is read from the environment at start: pass it with `-e NAME=value`.
+# The code's defaults apply when unset; secrets are never baked into the image.
+ENV HOST=0.0.0.0 \
+    PORT=8000 \
+    HF_HOME=/cache/huggingface
+
+VOLUME ["/cache"]
+EXPOSE 8000
+# Numeric so Kubernetes' runAsNonRoot can verify it without /etc/passwd.
+USER 1000:1000
+
+# Ready = model loaded and warmed up. The first start downloads ~25 GB of
+# weights into the cache, hence the long start period (failures during it do not
+# count; the first success ends it). python is the only HTTP client in the image.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v1/health/ready' % os.environ.get('PORT', '8000'), timeout=8)"]
+
+# SIGTERM (the default stop signal) starts a graceful drain; give it time:
+# `docker stop -t 150` / compose stop_grace_period / k8s terminationGracePeriodSeconds.
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["python", "server.py"]
