@@ -8,8 +8,8 @@ them once, builds the LitAPI around the engine, and hands both to LitServe.
 from __future__ import annotations
 
 import logging
-import os
-import signal
+import sys
+from importlib.metadata import version
 from typing import Optional
 
 import litserve as ls
@@ -17,11 +17,17 @@ from fastapi import Request
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.types import CaptionJob, Delta
+from model.types import CaptionJob
 from service.auth import BearerAuth
 from service.errors import install_error_handlers
 from service.jobs import JobLimits
-from service.spec import CaptionSpec
+from service.lifecycle import WORKER_DIED_EXIT_CODE, install_sigterm_drain, watch_workers
+from service.observability import RequestContextMiddleware, configure_logging
+from service.spec import CaptionSpec, ServiceInfo
+from service.state import SharedState
+from service.worker import run_batch
+
+__version__ = "0.1.0"
 
 logger = logging.getLogger("caption")
 
@@ -38,9 +44,14 @@ class Settings(BaseSettings):
     batch_timeout: float = Field(0.05, ge=0.0, description="seconds a batch waits to fill")
     workers_per_device: int = Field(1, ge=1)
     log_level: str = "info"
+    log_format: str = Field("text", pattern="^(text|json)$")
+    max_queued_requests: int = Field(256, ge=1, description="requests admitted and not yet answered")
+    request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait and run")
+    shutdown_grace_period: float = Field(120.0, ge=0, description="seconds SIGTERM waits for in-flight work")
 
     # Model
     enable_mock_inference: bool = False
+    mock_token_delay: float = Field(0.0, ge=0, description="seconds per mock decoding step")
     model_id: str = "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"
     model_revision: Optional[str] = None
     device: str = "auto"
@@ -64,6 +75,22 @@ class Settings(BaseSettings):
             return []
         return [self.api_key.get_secret_value()]
 
+    def metadata(self) -> dict:
+        return {
+            "version": __version__,
+            "modelInfo": [{"shortName": self.nim_served_model_name, "modelUrl": self.model_id}],
+            "model_id": self.model_id,
+            "revision": self.model_revision,
+            "mock": self.enable_mock_inference,
+            "dtype": self.dtype,
+            "device": self.device,
+            "max_num_tiles": self.max_num_tiles,
+            "max_batch_size": self.max_batch_size,
+            "batch_timeout": self.batch_timeout,
+            "workers_per_device": self.workers_per_device,
+            "litserve": version("litserve"),
+        }
+
     def limits(self) -> JobLimits:
         return JobLimits(default_max_tokens=self.default_max_tokens, max_output_tokens=self.max_output_tokens,
                          max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels)
@@ -72,31 +99,49 @@ class Settings(BaseSettings):
 class CaptionAPI(ls.LitAPI):
     """Runs in each inference worker: one engine, one `generate` per LitServe batch."""
 
-    def __init__(self, settings: Settings):
-        super().__init__(
-            max_batch_size=settings.max_batch_size,
-            batch_timeout=settings.batch_timeout,
-            spec=CaptionSpec(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
-                             settings.limits()),
-        )
+    def __init__(self, settings: Settings, shared: SharedState):
+        info = ServiceInfo(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
+                           settings.request_timeout, settings.metadata())
+        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout,
+                         spec=CaptionSpec(info, settings.limits(), shared))
         self.settings = settings
+        self.shared = shared
         self.auth = BearerAuth(settings.api_keys())
 
     def setup(self, device: str) -> None:
         if self.settings.enable_mock_inference:
             from model.mock import MockEngine
 
-            self.engine = MockEngine()
+            self.engine = MockEngine(self.settings.mock_token_delay)
         else:
             from model.engine import load_engine
 
             self.engine = load_engine(self.settings, device)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny caption before the worker reports ready: readiness means a request has run."""
+        from PIL import Image
+
+        from model.types import ImagePart, Message, SamplingParams, TextPart
+
+        job = CaptionJob([Message("user", [TextPart("Caption the content of this image:"),
+                                           ImagePart(Image.new("RGB", (64, 64), (128, 128, 128)))])],
+                         SamplingParams(max_tokens=2, temperature=0.0))
+        for _ in self.engine.generate([job]):
+            pass
+
+    def _is_cancelled(self, job_id: int) -> bool:
+        return job_id in self.shared.cancelled_ids()
 
     def authorize(self, request: Request) -> None:
         self.auth.check(request)
 
     def decode_request(self, request: CaptionJob) -> CaptionJob:
-        return request  # validated and decoded in the API server (service/jobs.py)
+        # Validated and decoded in the API server (service/jobs.py); here it only learns to
+        # notice when that server gives up on it.
+        request.cancel_check = self._is_cancelled
+        return request
 
     def batch(self, inputs: list[CaptionJob]) -> list[CaptionJob]:
         return list(inputs)
@@ -104,31 +149,28 @@ class CaptionAPI(ls.LitAPI):
     def predict(self, x):
         # LitServe passes a single job when max_batch_size is 1 and a list above (upstream #412).
         batched = isinstance(x, list)
-        for step in self.engine.generate(x if batched else [x]):
+        for step in run_batch(self.engine, x if batched else [x]):
             yield step if batched else step[0]
 
     def unbatch(self, output):
         return output  # predict already yields per-step lists aligned with the batch
 
     def encode_response(self, output):
-        for step in output:
-            yield [_encode(d) for d in step] if isinstance(step, list) else _encode(step)
+        yield from output  # run_batch already encodes each step as plain dicts
 
 
-def _encode(delta: Delta | None) -> dict | None:
-    return None if delta is None else delta.__dict__
-
-
-def build_server(settings: Settings) -> ls.LitServer:
-    server = ls.LitServer(CaptionAPI(settings), accelerator="cpu" if settings.enable_mock_inference else "auto",
-                          workers_per_device=settings.workers_per_device, timeout=False)
+def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
+    server = ls.LitServer(CaptionAPI(settings, shared),
+                          accelerator="cpu" if settings.enable_mock_inference else "auto",
+                          workers_per_device=settings.workers_per_device, timeout=False,
+                          middlewares=[RequestContextMiddleware])
     install_error_handlers(server.app)
     return server
 
 
 def main() -> None:
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     if not settings.enable_mock_inference:
         from model.engine import check_can_run
 
@@ -136,20 +178,14 @@ def main() -> None:
     logger.info("serving %s as '%s' (mock=%s, max_batch_size=%d, batch_timeout=%.3fs)",
                 settings.model_id, settings.nim_served_model_name, settings.enable_mock_inference,
                 settings.max_batch_size, settings.batch_timeout)
-    _stop_on_sigterm()
-    build_server(settings).run(host=settings.host, port=settings.port, generate_client_file=False,
-                               log_level=settings.log_level.lower())
-
-
-def _stop_on_sigterm() -> None:
-    """Treat SIGTERM like Ctrl+C, so LitServe's shutdown also stops its forked API servers."""
-    main_pid = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() == main_pid:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
+    shared = SharedState(settings.max_queued_requests)
+    server = build_server(settings, shared)
+    install_sigterm_drain(shared, settings.shutdown_grace_period)
+    watch_workers(server, shared)
+    server.run(host=settings.host, port=settings.port, generate_client_file=False,
+               log_level=settings.log_level.lower(), access_log=False, log_config=None)
+    if shared.worker_dead:
+        sys.exit(WORKER_DIED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ worth, as the real model spends at least that).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -42,16 +43,26 @@ def prompt_tokens(job: CaptionJob) -> int:
 
 
 class MockEngine:
-    """Streams the mock caption word by word, one word per step for every job of the batch."""
+    """Streams the mock caption word by word, one word per step for every job of the batch.
+
+    `step_delay` (seconds, MOCK_TOKEN_DELAY) imitates a model's decoding time, for tests of
+    timeouts, overload and shutdown that need requests to stay in flight.
+    """
+
+    def __init__(self, step_delay: float = 0.0):
+        self.step_delay = step_delay
 
     def generate(self, jobs: list[CaptionJob]) -> Iterator[list[Delta | None]]:
         states = [_MockState(job) for job in jobs]
         while not all(s.done for s in states):
+            if self.step_delay:
+                time.sleep(self.step_delay)
             yield [s.step() for s in states]
 
 
 class _MockState:
     def __init__(self, job: CaptionJob):
+        self.job = job
         self.words = mock_caption(job).split()
         self.limit = job.params.max_tokens
         self.prompt_tokens = prompt_tokens(job)
@@ -61,6 +72,9 @@ class _MockState:
 
     def step(self) -> Delta | None:
         if self.done:
+            return None
+        if self.job.cancelled():
+            self.done = True
             return None
         word = self.words[self.emitted]
         self.emitted += 1

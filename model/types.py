@@ -7,7 +7,9 @@ already decoded to RGB, plus the request's own sampling settings. An engine turn
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Union
 
@@ -61,6 +63,16 @@ class CaptionJob:
     messages: list[Message]
     params: SamplingParams
     request_id: str = ""
+    job_id: int = 0
+    deadline: float = math.inf  # time.monotonic() after which nobody waits for the answer
+    # Set inside the inference worker: tells whether the API server gave up on this job.
+    cancel_check: Callable[[int], bool] | None = field(default=None, repr=False, compare=False)
+
+    def cancelled(self) -> bool:
+        """Engines call this once per step and stop working on a job for which it is true."""
+        if time.monotonic() > self.deadline:
+            return True
+        return self.cancel_check is not None and self.cancel_check(self.job_id)
 
     @property
     def images(self) -> list[Image.Image]:

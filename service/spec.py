@@ -4,7 +4,8 @@
 we override: requests are validated and their images decoded here, in the API-server process,
 before they are queued (so one bad image cannot fail a whole batch); `seed`, `stop` and
 `max_completion_tokens` reach the engine; `finish_reason` and `usage` are the engine's own; errors
-use the OpenAI shape; and a stream always ends with `data: [DONE]`, even after an error.
+use the OpenAI shape; a stream always ends with `data: [DONE]`, even after an error; and every
+request is bounded: admission (429), deadline (504), worker death (503), client disconnect.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.openai import OpenAISpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
+from model.types import CaptionJob
+from service import metrics
 from service.errors import APIError, from_worker
 from service.jobs import JobLimits, build_job
 from service.protocol import (
@@ -36,38 +40,105 @@ from service.protocol import (
     StreamChoice,
     Usage,
 )
+from service.state import SharedState
 
 logger = logging.getLogger(__name__)
+_POLL_SECONDS = 0.25  # how often a waiting request checks its deadline, its client and the worker
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    served_model_name: str
+    model_root: str
+    max_model_len: int
+    request_timeout: float
+    metadata: dict
+
+
+class ClientGone(Exception):
+    pass
 
 
 class CaptionSpec(OpenAISpec):
-    def __init__(self, served_model_name: str, model_root: str, max_model_len: int, limits: JobLimits):
+    def __init__(self, info: ServiceInfo, limits: JobLimits, shared: SharedState):
         super().__init__()
-        self.served_model_name = served_model_name
-        self.model_root = model_root
-        self.max_model_len = max_model_len
+        self.info = info
         self.limits = limits
+        self.shared = shared
+        self._workers_ready = False
+
+    def __getstate__(self):
+        # Workers only need the spec for LitServe's bookkeeping; the shared state travels with the API.
+        state = super().__getstate__()
+        state["shared"] = None
+        return state
 
     def pre_setup(self, lit_api) -> None:
         super().pre_setup(lit_api)
-        # Added through the spec so that LitServe applies the API's `authorize` dependency to it.
+        # Added through the spec so that LitServe applies the API's `authorize` dependency to them;
+        # the auth check itself lets health and metrics through.
         self.add_endpoint("/v1/models", self.list_models, ["GET"])
+        self.add_endpoint("/v1/health/live", self.live, ["GET"])
+        self.add_endpoint("/v1/health/ready", self.ready, ["GET"])
+        self.add_endpoint("/v1/metadata", self.metadata, ["GET"])
+        self.add_endpoint("/v1/version", self.version, ["GET"])
+        self.add_endpoint("/metrics", self.metrics, ["GET"])
 
     def populate_context(self, context, request) -> None:
         pass  # the job carries everything the worker needs; no per-request context is used
 
+    # Operational routes ------------------------------------------------------------------
     async def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.served_model_name, root=self.model_root,
-                                         max_model_len=self.max_model_len)])
+        return ModelList(data=[ModelCard(id=self.info.served_model_name, root=self.info.model_root,
+                                         max_model_len=self.info.max_model_len)])
 
+    async def live(self) -> JSONResponse:
+        return JSONResponse({"object": "health.response", "message": "Service is live."})
+
+    def is_ready(self) -> bool:
+        if self.shared.worker_dead or self.shared.draining:
+            return False
+        if not self._workers_ready:  # once all workers are up, stop asking LitServe's manager
+            statuses = dict(self._server.workers_setup_status) if self._server is not None else {}
+            self._workers_ready = bool(statuses) and all(s == WorkerSetupStatus.READY for s in statuses.values())
+        return self._workers_ready
+
+    async def ready(self) -> JSONResponse:
+        if self.is_ready():
+            return JSONResponse({"object": "health.response", "message": "Service is ready."})
+        return JSONResponse({"object": "health.response", "message": "Service is not ready."}, status_code=503)
+
+    async def metadata(self) -> JSONResponse:
+        return JSONResponse(self.info.metadata)
+
+    async def version(self) -> JSONResponse:
+        return JSONResponse({"release": self.info.metadata.get("version", ""), "api": "1.0.0"})
+
+    async def metrics(self) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # Chat completions --------------------------------------------------------------------
     async def chat_completion(self, request: ChatCompletionRequest, raw_request: Request):
-        if request.model and request.model != self.served_model_name:
+        if request.model and request.model != self.info.served_model_name:
             raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
-                                f"'{self.served_model_name}'.", param="model", code="model_not_found")
-        request_id = raw_request.headers.get("x-request-id") or uuid.uuid4().hex
+                                f"'{self.info.served_model_name}'.", param="model", code="model_not_found")
+        if not self.is_ready():
+            metrics.REJECTED.labels("not_ready").inc()
+            raise APIError(503, "The model is loading, or the service is shutting down or restarting; "
+                                "retry shortly.", code="service_unavailable", headers={"Retry-After": "5"})
+        request_id = getattr(raw_request.state, "request_id", "") or uuid.uuid4().hex
         # Image decoding is CPU work: keep it off the event loop.
         job = await asyncio.to_thread(build_job, request, self.limits, request_id)
-        deltas = self._submit(job)
+        if not self.shared.try_admit():
+            metrics.REJECTED.labels("queue_full").inc()
+            raise APIError(429, f"Too many requests in flight (MAX_QUEUED_REQUESTS={self.shared.max_in_flight}); "
+                                "retry shortly.", code="queue_full", headers={"Retry-After": "1"})
+        job.job_id = self.shared.new_job_id()
+        job.deadline = time.monotonic() + self.info.request_timeout
+        log_fields = getattr(raw_request.state, "log_fields", {})
+        log_fields.update(images=len(job.images))
+        deltas = self._run(job, raw_request, log_fields)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             # Wait for the first delta so that an early failure still gets its own status code.
@@ -75,39 +146,98 @@ class CaptionSpec(OpenAISpec):
             return StreamingResponse(self._sse(first, deltas, include_usage), media_type="text/event-stream")
         return await self._collect(deltas)
 
-    async def _submit(self, job) -> AsyncIterator[dict]:
+    async def _run(self, job: CaptionJob, raw_request: Request, log_fields: dict) -> AsyncIterator[dict]:
+        """Queue the job and yield its deltas; the admission slot is released however this ends."""
         uid = uuid.uuid4()
         queue, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
+        metrics.IN_FLIGHT.inc()
+        metrics.QUEUE_DEPTH.inc()
+        started = False
+        finished = False
+        admitted_at = time.monotonic()
         try:
-            self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
-            async for data, status in self.data_streamer(queue, event, send_status=True):
-                if status == LitAPIStatus.ERROR:
-                    raise from_worker(data)
-                if data:
-                    yield json.loads(data)
+            self.request_queue.put((self.response_queue_id, uid, admitted_at, job))
+            while True:
+                try:
+                    await asyncio.wait_for(event.wait(), _POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    await self._check_waiting(job, raw_request)
+                    continue
+                event.clear()
+                while queue:
+                    data, status = queue.popleft()
+                    if status == LitAPIStatus.FINISH_STREAMING:
+                        if not finished:  # the worker dropped the job: it passed its deadline
+                            finished = True
+                            self._raise_if_overdue(job)
+                            raise APIError(500, "The model stopped without finishing the answer.",
+                                           code="internal_error")
+                        return
+                    if status == LitAPIStatus.ERROR:
+                        finished = True
+                        raise from_worker(data)
+                    if not data:
+                        continue
+                    delta = json.loads(data)
+                    if not started:
+                        started = True
+                        metrics.QUEUE_DEPTH.dec()
+                        metrics.TTFT.observe(time.monotonic() - admitted_at)
+                    if delta.get("error"):
+                        finished = True
+                        raise APIError(**delta["error"])
+                    if delta.get("finish_reason"):
+                        finished = True
+                        log_fields.update(batch_size=delta.get("batch_size"), prompt_tokens=delta["prompt_tokens"],
+                                          completion_tokens=delta["completion_tokens"],
+                                          finish_reason=delta["finish_reason"])
+                    yield delta
         finally:
+            if not finished:
+                self.shared.cancel(job.job_id)  # free the worker from a request nobody will read
+            if not started:
+                metrics.QUEUE_DEPTH.dec()
+            metrics.IN_FLIGHT.dec()
+            self.shared.release()
             # LitServe's own spec never frees these entries (upstream #452).
             self.response_buffer.pop(uid, None)
 
-    async def _collect(self, deltas: AsyncIterator[dict]) -> ChatCompletionResponse:
+    async def _check_waiting(self, job: CaptionJob, raw_request: Request) -> None:
+        if self.shared.worker_dead:
+            raise APIError(503, "The inference worker died; the service is restarting. Retry the request.",
+                           code="worker_unavailable", headers={"Retry-After": "5"})
+        self._raise_if_overdue(job)
+        if await raw_request.is_disconnected():
+            raise ClientGone
+
+    def _raise_if_overdue(self, job: CaptionJob) -> None:
+        if time.monotonic() > job.deadline:
+            raise APIError(504, f"The request did not finish within REQUEST_TIMEOUT={self.info.request_timeout:g}s.",
+                           code="timeout")
+
+    async def _collect(self, deltas: AsyncIterator[dict]) -> Response:
         content, reasoning, last = [], [], {}
-        async for delta in deltas:
-            content.append(delta.get("content") or "")
-            reasoning.append(delta.get("reasoning_content") or "")
-            last = delta
+        try:
+            async for delta in deltas:
+                content.append(delta.get("content") or "")
+                reasoning.append(delta.get("reasoning_content") or "")
+                last = delta
+        except ClientGone:
+            return Response(status_code=499)  # nobody is listening; the status is for the log only
         message = AssistantMessage(content="".join(content), reasoning_content="".join(reasoning) or None)
-        return ChatCompletionResponse(
-            model=self.served_model_name,
+        body = ChatCompletionResponse(
+            model=self.info.served_model_name,
             choices=[Choice(message=message, finish_reason=last.get("finish_reason") or "stop")],
             usage=_usage(last),
         )
+        return JSONResponse(body.model_dump(exclude_none=True))
 
     async def _sse(self, first: dict | None, deltas: AsyncIterator[dict], include_usage: bool):
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def event(choices: list[StreamChoice], usage: Usage | None = None) -> str:
-            chunk = ChatCompletionChunk(id=chunk_id, created=created, model=self.served_model_name,
+            chunk = ChatCompletionChunk(id=chunk_id, created=created, model=self.info.served_model_name,
                                         choices=choices, usage=usage)
             return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
@@ -123,6 +253,8 @@ class CaptionSpec(OpenAISpec):
             yield event([StreamChoice(delta=DeltaMessage(), finish_reason=last.get("finish_reason") or "stop")])
             if include_usage:
                 yield event([], usage=_usage(last))
+        except ClientGone:
+            return
         except APIError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
         except Exception:  # noqa: BLE001 - the status line is gone; report in-band and end cleanly

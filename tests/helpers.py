@@ -58,7 +58,8 @@ def free_port() -> int:
 class Service:
     """`python server.py` in its own process group, stopped with SIGTERM like a container runtime does."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, startup_timeout: float = 120.0):
+    def __init__(self, env: dict[str, str], log_path: Path, startup_timeout: float = 120.0,
+                 wait_for: str = "/v1/health/ready"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if k not in ("NGC_API_KEY", "NVIDIA_API_KEY")}
@@ -68,19 +69,19 @@ class Service:
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "server.py"], cwd=ROOT, env=full_env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready(startup_timeout)
+        self._wait_ready(startup_timeout, wait_for)
 
     @property
     def chat_url(self) -> str:
         return f"{self.url}/v1/chat/completions"
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, path: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}{path}", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -91,6 +92,17 @@ class Service:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
+
+    def pids(self) -> dict[str, list[int]]:
+        """Child processes by role: LitServe spawns inference workers and forks API servers."""
+        roles: dict[str, list[int]] = {"worker": [], "other": []}
+        for pid in _children(self.proc.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            roles["worker" if "spawn_main" in cmdline and "resource_tracker" not in cmdline else "other"].append(pid)
+        return roles
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -106,3 +118,13 @@ class Service:
             pass
         self._log.close()
         return self.proc.returncode
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found

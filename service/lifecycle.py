@@ -1,0 +1,69 @@
+"""Process lifecycle in the main process: graceful SIGTERM drain and inference-worker death.
+
+LitServe's own handling falls short for a service behind a supervisor: a plain SIGTERM left an
+orphaned API server holding the port, and a dead worker left requests hanging. Here SIGTERM stops
+admission, lets in-flight requests finish (bounded by a grace period) and exits 0; a dead worker
+fails in-flight requests with 503 (the API servers poll the shared flag), turns readiness off,
+and the process exits non-zero so that Docker, Kubernetes or systemd restart it.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import signal
+import threading
+import time
+
+from service.state import SharedState
+
+logger = logging.getLogger(__name__)
+WORKER_DIED_EXIT_CODE = 3
+
+
+def install_sigterm_drain(shared: SharedState, grace_period: float) -> None:
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:
+            return
+        if shared.draining:  # a second SIGTERM: stop now
+            raise KeyboardInterrupt
+        logger.info("SIGTERM: refusing new requests, draining %d in flight (up to %.0fs)",
+                    shared.in_flight, grace_period)
+        shared.start_draining()
+        deadline = time.monotonic() + grace_period
+        while shared.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if shared.in_flight:
+            logger.warning("grace period over with %d requests still in flight", shared.in_flight)
+        raise KeyboardInterrupt  # LitServe's run() shuts everything down on this
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seconds: float = 2.0) -> None:
+    """Start a thread that notices a dead inference worker and takes the service down."""
+    server._monitor_workers = False  # LitServe's monitor would shut down without answering anyone
+    # LitServe keeps the port closed until a worker has loaded the model, which can take a long
+    # first download; we listen at once so that liveness answers and readiness says "not yet".
+    # A worker whose setup fails exits, and the watch below takes the service down.
+    server.verify_worker_status = lambda: None
+
+    def watch():
+        while not getattr(server, "inference_workers", None):
+            time.sleep(interval)
+        while True:
+            dead = [p for p in server.inference_workers if not p.is_alive()]
+            if dead and not shared.draining:
+                logger.error("inference worker %s (pid %s) died with exit code %s; failing in-flight "
+                             "requests and exiting with code %d", dead[0].name, dead[0].pid, dead[0].exitcode,
+                             WORKER_DIED_EXIT_CODE)
+                shared.mark_worker_dead()
+                time.sleep(flush_seconds)  # the API servers answer their waiting requests with 503
+                _thread.interrupt_main()
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()

@@ -1,0 +1,93 @@
+"""Per-request id, access log line and HTTP metrics, as one pure ASGI middleware; log formatting.
+
+Pure ASGI rather than BaseHTTPMiddleware so that streamed answers are timed to their last byte
+and are not buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from service import metrics
+
+access_log = logging.getLogger("caption.access")
+_REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class RequestContextMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["log_fields"] = {}
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = _route_label(scope)
+            metrics.REQUESTS.labels(route, str(status)).inc()
+            metrics.LATENCY.labels(route).observe(elapsed)
+            if route not in ("/metrics", "/health", "/v1/health/live", "/v1/health/ready"):
+                access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000,
+                                extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                                       "status": status, "latency_ms": round(elapsed * 1000, 1),
+                                       **state["log_fields"]})
+
+
+def _route_label(scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if path else "unmatched"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with any `extra=` fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+        return line + ("".join(f" {k}={v}" for k, v in extra.items()) if extra else "")
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

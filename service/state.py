@@ -1,0 +1,73 @@
+"""State shared by LitServe's processes: the main process, the forked API servers and the
+spawned inference workers.
+
+Plain shared-memory values, created in the main process before any child starts: forked API
+servers inherit them and spawned workers receive them pickled with the LitAPI at start-up.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import secrets
+
+import numpy as np
+
+CANCEL_SLOTS = 4096
+# Spawn-context locks: inference workers are spawned, and forked API servers inherit them too.
+_ctx = mp.get_context("spawn")
+
+
+class SharedState:
+    def __init__(self, max_in_flight: int):
+        self.max_in_flight = max_in_flight
+        self._in_flight = _ctx.Value("i", 0)
+        self._worker_dead = _ctx.RawValue("b", 0)
+        self._draining = _ctx.RawValue("b", 0)
+        # Ring of cancelled job ids: API servers write, workers read once per decoding step.
+        self._cancelled = _ctx.RawArray("q", CANCEL_SLOTS)
+        self._cancel_next = _ctx.Value("q", 0)
+
+    # Admission ---------------------------------------------------------------------------
+    def try_admit(self) -> bool:
+        with self._in_flight.get_lock():
+            if self._in_flight.value >= self.max_in_flight:
+                return False
+            self._in_flight.value += 1
+            return True
+
+    def release(self) -> None:
+        with self._in_flight.get_lock():
+            self._in_flight.value -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight.value
+
+    # Health ------------------------------------------------------------------------------
+    @property
+    def worker_dead(self) -> bool:
+        return bool(self._worker_dead.value)
+
+    def mark_worker_dead(self) -> None:
+        self._worker_dead.value = 1
+
+    @property
+    def draining(self) -> bool:
+        return bool(self._draining.value)
+
+    def start_draining(self) -> None:
+        self._draining.value = 1
+
+    # Cancellation ------------------------------------------------------------------------
+    @staticmethod
+    def new_job_id() -> int:
+        return secrets.randbits(62) + 1  # never 0, the ring's empty value
+
+    def cancel(self, job_id: int) -> None:
+        with self._cancel_next.get_lock():
+            slot = self._cancel_next.value % CANCEL_SLOTS
+            self._cancel_next.value += 1
+        self._cancelled[slot] = job_id
+
+    def cancelled_ids(self) -> np.ndarray:
+        return np.frombuffer(self._cancelled, dtype=np.int64)
