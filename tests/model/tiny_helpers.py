@@ -9,8 +9,13 @@ from model.types import CaptionJob, ImagePart, Message, SamplingParams, TextPart
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """A per-seed colour gradient plus noise: distinct seeds look different to the tiny model."""
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    start, end = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    ramp = np.linspace(0.0, 1.0, width)[None, :, None]
+    base = start * (1 - ramp) + end * ramp
+    pixels = base + rng.normal(0, 20, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def make_job(images, text: str, system: str | None = "/no_think", **params) -> CaptionJob:
