@@ -9,7 +9,6 @@ and the process exits non-zero so that Docker, Kubernetes or systemd restart it.
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
 import signal
@@ -62,7 +61,7 @@ def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seco
                              WORKER_DIED_EXIT_CODE)
                 shared.mark_worker_dead()
                 time.sleep(flush_seconds)  # the API servers answer their waiting requests with 503
-                _thread.interrupt_main()
+                server._shutdown_event.set()  # run() returns and LitServe stops its processes
                 return
             time.sleep(interval)
 

@@ -1,0 +1,116 @@
+"""Timeouts, overload, a killed worker and SIGTERM, against real server processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from service.lifecycle import WORKER_DIED_EXIT_CODE
+from tests.helpers import Service, data_url, nv_ingest_body, png_bytes
+
+BODY = nv_ingest_body(data_url(png_bytes()))
+CAPTION_WORDS = 15  # the mock caption of this image: one word per MOCK_TOKEN_DELAY
+
+
+def slow_service(tmp_path, name, **env):
+    settings = {"ENABLE_MOCK_INFERENCE": "1", "NIM_REQUIRE_AUTH": "0", "MOCK_TOKEN_DELAY": "0.1",
+                "MAX_BATCH_SIZE": "4"}
+    settings.update({k: str(v) for k, v in env.items()})
+    return Service(settings, tmp_path / f"{name}.log")
+
+
+def test_timeout_gets_504_and_the_work_is_dropped(tmp_path):
+    service = slow_service(tmp_path, "timeout", REQUEST_TIMEOUT=1.5, MAX_BATCH_SIZE=1, MOCK_TOKEN_DELAY=0.5)
+    try:
+        start = time.monotonic()
+        long = requests.post(service.chat_url, json=BODY, timeout=30)  # 7.5 s of generation
+        assert long.status_code == 504 and long.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - start < 3
+        # The worker dropped the long job: a 2-token request right after takes ~1 s, not ~6.
+        start = time.monotonic()
+        short = requests.post(service.chat_url, json={**BODY, "max_tokens": 2}, timeout=30)
+        assert short.status_code == 200 and time.monotonic() - start < 2.5
+    finally:
+        service.stop()
+
+
+def test_burst_over_the_queue_limit_gets_only_200_and_429(tmp_path):
+    service = slow_service(tmp_path, "queue", MAX_QUEUED_REQUESTS=4, MOCK_TOKEN_DELAY=0.05)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda _: requests.post(service.chat_url, json={**BODY, "max_tokens": 10},
+                                                              timeout=60), range(48)))
+        statuses = {r.status_code for r in responses}
+        assert statuses == {200, 429}
+        assert all(r.headers["retry-after"] for r in responses if r.status_code == 429)
+        assert all(r.json()["error"]["code"] == "queue_full" for r in responses if r.status_code == 429)
+    finally:
+        service.stop()
+
+
+def test_client_disconnect_frees_its_place(tmp_path):
+    service = slow_service(tmp_path, "disconnect", MAX_QUEUED_REQUESTS=1, MAX_BATCH_SIZE=1, MOCK_TOKEN_DELAY=0.5)
+    try:
+        try:  # gives up after 1 s of a 7.5-second generation
+            requests.post(service.chat_url, json=BODY, timeout=1)
+        except requests.Timeout:
+            pass
+        time.sleep(1.0)  # the server notices within its poll interval and frees the slot and the worker
+        start = time.monotonic()
+        response = requests.post(service.chat_url, json={**BODY, "max_tokens": 2}, timeout=10)
+        assert response.status_code == 200 and time.monotonic() - start < 2.5
+    finally:
+        service.stop()
+
+
+def test_killed_worker_fails_in_flight_with_503_and_exits_non_zero(tmp_path):
+    service = slow_service(tmp_path, "kill", MOCK_TOKEN_DELAY=0.5)
+    results = []
+
+    def call():
+        results.append(requests.post(service.chat_url, json=BODY, timeout=60))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    workers = service.pids()["worker"]
+    assert len(workers) == 1
+    start = time.monotonic()
+    os.kill(workers[0], signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    assert [r.status_code for r in results] == [503, 503, 503]
+    assert time.monotonic() - start < 5
+    assert results[0].json()["error"]["code"] == "worker_unavailable"
+    assert service.proc.wait(60) == WORKER_DIED_EXIT_CODE
+    service.stop()
+
+
+def test_sigterm_finishes_in_flight_work_then_exits_0(tmp_path):
+    service = slow_service(tmp_path, "sigterm", SHUTDOWN_GRACE_PERIOD=30)
+    results = []
+
+    def call():
+        results.append(requests.post(service.chat_url, json=BODY, timeout=60))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    service.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    refused = requests.post(service.chat_url, json=BODY, timeout=10)
+    assert refused.status_code == 503
+    assert requests.get(f"{service.url}/v1/health/ready", timeout=10).status_code == 503
+    for t in threads:
+        t.join(30)
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert all(r.json()["usage"]["completion_tokens"] == CAPTION_WORDS for r in results)
+    assert service.proc.wait(60) == 0
+    service.stop()

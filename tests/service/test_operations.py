@@ -1,0 +1,114 @@
+"""NIM-compatible routes, metrics, request ids and logs, through a real server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import API_KEY
+from tests.helpers import MODEL_NAME, Service, data_url, nv_ingest_body, png_bytes
+
+KEY = {"Authorization": f"Bearer {API_KEY}"}
+OPEN_ROUTES = ["/v1/health/live", "/v1/health/ready", "/metrics", "/health"]
+KEYED_ROUTES = ["/v1/models", "/v1/metadata", "/v1/version"]
+
+
+def metric_values(service) -> dict[tuple, float]:
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def test_routes_before_and_after_ready(tmp_path):
+    # Two mock steps of 2 s each in the worker's warm-up keep the model "loading" for ~4 s.
+    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NGC_API_KEY": API_KEY, "MOCK_TOKEN_DELAY": "2"},
+                      tmp_path / "slow.log", wait_for="/v1/health/live")
+    try:
+        live = requests.get(f"{service.url}/v1/health/live", timeout=5)
+        assert live.json() == {"object": "health.response", "message": "Service is live."}
+        ready = requests.get(f"{service.url}/v1/health/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["object"] == "health.response"
+        early = requests.post(service.chat_url, json=nv_ingest_body(data_url(png_bytes())), headers=KEY, timeout=5)
+        assert early.status_code == 503 and early.headers["retry-after"]
+        assert requests.get(f"{service.url}/v1/models", headers=KEY, timeout=5).status_code == 200
+        deadline = time.monotonic() + 60
+        while requests.get(f"{service.url}/v1/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, service.log()
+            time.sleep(0.2)
+        assert requests.get(f"{service.url}/v1/health/ready", timeout=5).json() == {
+            "object": "health.response", "message": "Service is ready."}
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("route", OPEN_ROUTES)
+def test_probes_and_metrics_need_no_key(mock_service, route):
+    assert requests.get(f"{mock_service.url}{route}", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("route", KEYED_ROUTES)
+def test_other_routes_need_the_key(mock_service, route):
+    assert requests.get(f"{mock_service.url}{route}", timeout=10).status_code == 401
+    assert requests.get(f"{mock_service.url}{route}", headers=KEY, timeout=10).status_code == 200
+
+
+def test_models_metadata_version_bodies(mock_service):
+    models = requests.get(f"{mock_service.url}/v1/models", headers=KEY, timeout=10).json()
+    assert models["object"] == "list"
+    assert models["data"][0]["id"] == MODEL_NAME and models["data"][0]["max_model_len"] == 131072
+    meta = requests.get(f"{mock_service.url}/v1/metadata", headers=KEY, timeout=10).json()
+    assert meta["modelInfo"][0]["shortName"] == MODEL_NAME
+    assert meta["max_batch_size"] == 4 and meta["max_num_tiles"] == 12 and meta["mock"] is True
+    version = requests.get(f"{mock_service.url}/v1/version", headers=KEY, timeout=10).json()
+    assert version["release"] and version["api"]
+
+
+def test_metrics_parse_and_move_with_traffic(mock_service):
+    before = metric_values(mock_service)
+    url = data_url(png_bytes(33, 33, (5, 6, 7)))
+    for _ in range(3):
+        assert requests.post(mock_service.chat_url, json=nv_ingest_body(url), headers=KEY, timeout=30).ok
+    after = metric_values(mock_service)
+    ok_key = ("caption_http_requests_total", (("route", "/v1/chat/completions"), ("status", "200")))
+    assert after[ok_key] - before.get(ok_key, 0) == 3
+    assert after[("caption_images_total", ())] - before.get(("caption_images_total", ()), 0) == 3
+    assert after[("caption_completion_tokens_total", ())] > before.get(("caption_completion_tokens_total", ()), 0)
+    assert after[("caption_time_to_first_token_seconds_count", ())] >= 3
+    assert after[("caption_batch_size_count", ())] >= 1
+    assert ("caption_queue_depth", ()) in after and after[("caption_queue_depth", ())] == 0
+
+
+def test_request_id_round_trip(mock_service):
+    body = nv_ingest_body(data_url(png_bytes()))
+    echoed = requests.post(mock_service.chat_url, json=body, headers={**KEY, "X-Request-ID": "ingest-42"}, timeout=30)
+    assert echoed.headers["x-request-id"] == "ingest-42"
+    generated = requests.post(mock_service.chat_url, json=body, headers=KEY, timeout=30)
+    assert len(generated.headers["x-request-id"]) == 32
+    error = requests.post(mock_service.chat_url, json={}, headers={**KEY, "X-Request-ID": "bad-1"}, timeout=30)
+    assert error.headers["x-request-id"] == "bad-1"
+    assert "ingest-42" in mock_service.log()
+
+
+def test_json_log_lines_parse(tmp_path):
+    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NIM_REQUIRE_AUTH": "0", "LOG_FORMAT": "json"},
+                      tmp_path / "json.log")
+    try:
+        body = nv_ingest_body(data_url(png_bytes()))
+        requests.post(service.chat_url, json=body, headers={"X-Request-ID": "json-7"}, timeout=30)
+        time.sleep(0.3)
+    finally:
+        service.stop()
+    ours = [json.loads(line) for line in service.log_path.read_text().splitlines() if line.startswith("{")]
+    access = [e for e in ours if e.get("request_id") == "json-7"]
+    assert len(access) == 1
+    entry = access[0]
+    assert entry["status"] == 200 and entry["latency_ms"] > 0 and entry["batch_size"] == 1
+    assert entry["prompt_tokens"] > 0 and entry["completion_tokens"] > 0
+    assert "iVBORw0KGgo" not in service.log_path.read_text()  # image payloads are never logged
