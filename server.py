@@ -93,7 +93,13 @@ class Settings(BaseSettings):
 
     def limits(self) -> JobLimits:
         return JobLimits(default_max_tokens=self.default_max_tokens, max_output_tokens=self.max_output_tokens,
-                         max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels)
+                         max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
+                         max_num_tiles=self.max_num_tiles)
+
+    def accelerator(self) -> str:
+        if self.enable_mock_inference or self.device == "cpu":
+            return "cpu"
+        return "cuda" if self.device.startswith("cuda") else "auto"
 
 
 class CaptionAPI(ls.LitAPI):
@@ -116,7 +122,10 @@ class CaptionAPI(ls.LitAPI):
         else:
             from model.engine import load_engine
 
-            self.engine = load_engine(self.settings, device)
+            s = self.settings
+            # DEVICE=auto takes the device LitServe gives this worker ("cuda:N" or "cpu").
+            self.engine = load_engine(s.model_id, s.model_revision, device=device if s.device == "auto" else s.device,
+                                      dtype=s.dtype, max_num_tiles=s.max_num_tiles)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -161,7 +170,7 @@ class CaptionAPI(ls.LitAPI):
 
 def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
     server = ls.LitServer(CaptionAPI(settings, shared),
-                          accelerator="cpu" if settings.enable_mock_inference else "auto",
+                          accelerator=settings.accelerator(),
                           workers_per_device=settings.workers_per_device, timeout=False,
                           middlewares=[RequestContextMiddleware])
     install_error_handlers(server.app)
@@ -172,9 +181,9 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     if not settings.enable_mock_inference:
-        from model.engine import check_can_run
+        from model.loader import check_can_run
 
-        check_can_run(settings)
+        check_can_run(settings.model_id, settings.device)
     logger.info("serving %s as '%s' (mock=%s, max_batch_size=%d, batch_timeout=%.3fs)",
                 settings.model_id, settings.nim_served_model_name, settings.enable_mock_inference,
                 settings.max_batch_size, settings.batch_timeout)

@@ -221,6 +221,9 @@ class NemotronVLEngine:
             for state, token in zip(states, tokens):
                 deltas.append(None if state.done else state.accept(token))
             yield deltas
+            for state in states:
+                if not state.done and state.job.cancelled():
+                    state.finish_reason = "stop"  # nobody waits for it any more (deadline or disconnect)
             if all(s.done for s in states):
                 return
             # Finished rows keep decoding a pad id: cheaper than reshaping every layer's cache, and rows never mix.

@@ -1,8 +1,8 @@
 """Mock engine: deterministic captions that depend on the image content, no weights, no GPU.
 
 Tokens are counted as whitespace-separated words: a caption's words are its completion tokens,
-and the prompt's tokens are its text words plus `IMAGE_TOKENS` per image (one 512x512 tile's
-worth, as the real model spends at least that).
+and the prompt's tokens are its text words plus `IMAGE_TOKENS` per 512x512 tile, with tiles
+counted as the real model would cut the image.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def mock_caption(job: CaptionJob) -> str:
 
 
 def prompt_tokens(job: CaptionJob) -> int:
-    return sum(len(m.text.split()) for m in job.messages) + IMAGE_TOKENS * len(job.images)
+    return sum(len(m.text.split()) for m in job.messages) + IMAGE_TOKENS * job.tiles
 
 
 class MockEngine:

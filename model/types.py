@@ -63,6 +63,7 @@ class CaptionJob:
     messages: list[Message]
     params: SamplingParams
     request_id: str = ""
+    tiles: int = 0  # 512x512 tiles its images become (counted in the API server, for metrics and mock usage)
     job_id: int = 0
     deadline: float = math.inf  # time.monotonic() after which nobody waits for the answer
     # Set inside the inference worker: tells whether the API server gave up on this job.

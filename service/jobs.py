@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.images import ImageError, decode_data_url
+from model.tiling import num_tiles
 from model.types import CaptionJob, ImagePart, Message, SamplingParams, TextPart
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, ImageContent
@@ -20,6 +21,7 @@ class JobLimits:
     max_output_tokens: int
     max_images: int
     max_image_pixels: int
+    max_num_tiles: int
 
 
 def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str = "") -> CaptionJob:
@@ -51,7 +53,9 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
         messages.append(Message(role=role, content=parts))
     if not any(m.role == "user" for m in messages):
         raise APIError(400, "messages must contain at least one user message", param="messages")
-    return CaptionJob(messages=messages, params=_sampling(request, limits), request_id=request_id)
+    job = CaptionJob(messages=messages, params=_sampling(request, limits), request_id=request_id)
+    job.tiles = sum(num_tiles(image.width, image.height, limits.max_num_tiles) for image in job.images)
+    return job
 
 
 def _sampling(request: ChatCompletionRequest, limits: JobLimits) -> SamplingParams:

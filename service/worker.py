@@ -67,6 +67,7 @@ def _generate(engine: Engine, jobs: list[CaptionJob], live: list[int], batch_siz
 
 def _count(job: CaptionJob, delta: Delta) -> None:
     metrics.IMAGES.inc(len(job.images))
+    metrics.TILES.inc(job.tiles)
     metrics.PROMPT_TOKENS.inc(delta.prompt_tokens)
     metrics.COMPLETION_TOKENS.inc(delta.completion_tokens)
 

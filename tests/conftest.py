@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from model.tiny import write_tiny_checkpoint
 from tests.helpers import Service
 
 API_KEY = "test-key-123"
@@ -19,3 +20,18 @@ def mock_service(tmp_path_factory):
 @pytest.fixture(scope="session")
 def auth_headers():
     return {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A tiny random-weight checkpoint in the official layout, written once per session."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_service(tiny_path, tmp_path_factory):
+    """The real engine on the tiny checkpoint, batching up to 8, behind a real server."""
+    service = Service({"MODEL_ID": str(tiny_path), "NIM_REQUIRE_AUTH": "0", "MAX_BATCH_SIZE": "8",
+                       "BATCH_TIMEOUT": "0.2"}, tmp_path_factory.mktemp("logs") / "tiny.log")
+    yield service
+    service.stop()

@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 
 from model.engine import load_engine
-from model.tiny import write_tiny_checkpoint
 
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+# `tiny_path` (one tiny checkpoint per session) comes from tests/conftest.py.
 
 
 @pytest.fixture(scope="session")
