@@ -1,0 +1,114 @@
+"""The real engine behind the real server, on the tiny random-weight checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openai
+import requests
+from PIL import Image
+
+from tests.helpers import MODEL_NAME, data_url, nv_ingest_body
+
+
+def noise_url(width, height, seed) -> str:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return data_url(buf.getvalue())
+
+
+PROMPTS = ["Caption the content of this image:", "Describe every detail of this chart, axis by axis, please.",
+           "What?", "Caption the content of this image: " * 5]
+SIZES = [(640, 480), (256, 256), (1920, 1080), (100, 40)]
+
+
+def body(i, **overrides):
+    b = nv_ingest_body(noise_url(*SIZES[i], seed=i), temperature=0, max_tokens=10)
+    b["messages"][1]["content"][0]["text"] = PROMPTS[i]
+    b.update(overrides)
+    return b
+
+
+def post(service, b):
+    response = requests.post(service.chat_url, json=b, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def concurrently(service, bodies):
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: post(service, b), bodies))
+
+
+def test_nv_ingest_request_and_prompt_tokens_follow_tiles(tiny_service):
+    result = post(tiny_service, nv_ingest_body(noise_url(640, 480, 9), max_tokens=8))
+    assert isinstance(result["choices"][0]["message"]["content"], str)
+    assert result["choices"][0]["finish_reason"] in ("stop", "length")
+    one_tile = post(tiny_service, nv_ingest_body(noise_url(512, 512, 9), max_tokens=8))
+    # 640x480 is 12 tiles + thumbnail = 13 tiles, 512x512 is one: 12 x 256 more image tokens.
+    assert result["usage"]["prompt_tokens"] - one_tile["usage"]["prompt_tokens"] == 12 * 256
+
+
+def test_greedy_batched_equals_unbatched(tiny_service):
+    alone = [post(tiny_service, body(i)) for i in range(4)]
+    together = concurrently(tiny_service, [body(i) for i in range(4)])
+    for a, t in zip(alone, together):
+        assert a["choices"][0]["message"]["content"] == t["choices"][0]["message"]["content"]
+        assert a["usage"] == t["usage"]
+    assert len({a["choices"][0]["message"]["content"] for a in alone}) > 1
+
+
+def test_per_request_settings_inside_one_batch(tiny_service):
+    reference = post(tiny_service, body(0, max_tokens=12))["choices"][0]["message"]["content"]
+    stop_at = reference.strip()[3:6]
+    sampled = body(1, temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    bodies = [body(0, max_tokens=3), body(0, max_tokens=12, stop=[stop_at]), sampled, sampled,
+              body(2, max_tokens=5)]
+    short, stopped, seeded_a, seeded_b, five = concurrently(tiny_service, bodies)
+    assert short["choices"][0]["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 3
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stop_at not in stopped["choices"][0]["message"]["content"]
+    assert reference.startswith(stopped["choices"][0]["message"]["content"])
+    assert seeded_a["choices"][0]["message"]["content"] == seeded_b["choices"][0]["message"]["content"]
+    assert five["usage"]["completion_tokens"] == 5
+
+
+def test_multi_image_request(tiny_service):
+    b = body(0)
+    b["messages"][1]["content"] += [{"type": "image_url", "image_url": {"url": noise_url(300, 200, s)}}
+                                     for s in (20, 21, 22)]
+    result = post(tiny_service, b)
+    single = post(tiny_service, body(0))
+    assert result["usage"]["prompt_tokens"] > single["usage"]["prompt_tokens"] + 3 * 256
+
+
+def test_streaming_matches_non_streaming(tiny_service):
+    client = openai.OpenAI(base_url=f"{tiny_service.url}/v1", api_key="unused", max_retries=0)
+    b = body(3)
+    messages = b["messages"]
+    full = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0)
+    pieces = []
+    for chunk in client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10, temperature=0,
+                                                stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert "".join(pieces) == full.choices[0].message.content
+    assert len(pieces) > 1
+
+
+def test_think_puts_reasoning_apart(tiny_service):
+    b = body(0, max_tokens=40)
+    b["messages"][0]["content"] = "/think"
+    message = post(tiny_service, b)["choices"][0]["message"]
+    # The tiny random model rarely closes its reasoning: all text is then reasoning, none is answer.
+    assert message.get("reasoning_content")
+    assert "<think>" not in message["content"] and "</think>" not in message.get("reasoning_content", "")
+    with requests.post(tiny_service.chat_url, json={**b, "stream": True}, stream=True, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+                  if line.startswith("data: {")]
+    streamed = "".join(e["choices"][0]["delta"].get("reasoning_content", "") for e in events if e["choices"])
+    assert streamed == message["reasoning_content"]
