@@ -14,6 +14,7 @@ from typing import Optional
 
 import litserve as ls
 from fastapi import Request
+from starlette.middleware.cors import CORSMiddleware
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -65,6 +66,8 @@ class Settings(BaseSettings):
     max_output_tokens: int = Field(4096, ge=1)
     max_images_per_request: int = Field(4, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
+    max_prompt_chars: int = Field(32_000, ge=1, description="characters of text across all messages")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
 
     # Auth: the same variables nv-ingest reads for its side.
     api_key: Optional[SecretStr] = Field(None, validation_alias=AliasChoices("NGC_API_KEY", "NVIDIA_API_KEY"))
@@ -94,7 +97,7 @@ class Settings(BaseSettings):
     def limits(self) -> JobLimits:
         return JobLimits(default_max_tokens=self.default_max_tokens, max_output_tokens=self.max_output_tokens,
                          max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
-                         max_num_tiles=self.max_num_tiles)
+                         max_num_tiles=self.max_num_tiles, max_prompt_chars=self.max_prompt_chars)
 
     def accelerator(self) -> str:
         if self.enable_mock_inference or self.device == "cpu":
@@ -169,10 +172,13 @@ class CaptionAPI(ls.LitAPI):
 
 
 def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
-    server = ls.LitServer(CaptionAPI(settings, shared),
-                          accelerator=settings.accelerator(),
-                          workers_per_device=settings.workers_per_device, timeout=False,
-                          middlewares=[RequestContextMiddleware])
+    middlewares = [RequestContextMiddleware]
+    if settings.cors_origins:
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        middlewares.append((CORSMiddleware, {"allow_origins": origins, "allow_methods": ["GET", "POST"],
+                                             "allow_headers": ["Authorization", "Content-Type", "X-Request-ID"]}))
+    server = ls.LitServer(CaptionAPI(settings, shared), accelerator=settings.accelerator(),
+                          workers_per_device=settings.workers_per_device, timeout=False, middlewares=middlewares)
     install_error_handlers(server.app)
     return server
 

@@ -22,6 +22,7 @@ class JobLimits:
     max_images: int
     max_image_pixels: int
     max_num_tiles: int
+    max_prompt_chars: int
 
 
 def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str = "") -> CaptionJob:
@@ -51,6 +52,11 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
             else:
                 parts.append(TextPart(part.text))
         messages.append(Message(role=role, content=parts))
+    prompt_chars = sum(len(m.text) for m in messages)
+    if prompt_chars > limits.max_prompt_chars:
+        raise APIError(400, f"the messages hold {prompt_chars} characters of text, over this server's limit of "
+                            f"{limits.max_prompt_chars} (MAX_PROMPT_CHARS)", param="messages",
+                       code="prompt_too_long")
     if not any(m.role == "user" for m in messages):
         raise APIError(400, "messages must contain at least one user message", param="messages")
     job = CaptionJob(messages=messages, params=_sampling(request, limits), request_id=request_id)

@@ -112,6 +112,7 @@ CASES = [
     ("stream-not-bool", _set(("stream",), "maybe"), 422),
     ("seed-not-int", _set(("seed",), "abc"), 422),
     ("unknown-model", _set(("model",), "some/other-model"), 404),
+    ("prompt-too-long", _set(("messages", 0, "content"), "x" * 40_000), 400),
 ]
 
 

@@ -96,12 +96,22 @@ def test_request_id_round_trip(mock_service):
     assert "ingest-42" in mock_service.log()
 
 
-def test_json_log_lines_parse(tmp_path):
-    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NIM_REQUIRE_AUTH": "0", "LOG_FORMAT": "json"},
-                      tmp_path / "json.log")
+def test_cors_is_off_by_default(mock_service):
+    response = requests.get(f"{mock_service.url}/v1/models", headers={**KEY, "Origin": "https://evil.example"},
+                            timeout=10)
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_json_log_lines_parse_and_cors_when_configured(tmp_path):
+    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NIM_REQUIRE_AUTH": "0", "LOG_FORMAT": "json",
+                       "CORS_ORIGINS": "https://ui.example"}, tmp_path / "json.log")
     try:
         body = nv_ingest_body(data_url(png_bytes()))
         requests.post(service.chat_url, json=body, headers={"X-Request-ID": "json-7"}, timeout=30)
+        allowed = requests.get(f"{service.url}/v1/models", headers={"Origin": "https://ui.example"}, timeout=10)
+        assert allowed.headers["access-control-allow-origin"] == "https://ui.example"
+        other = requests.get(f"{service.url}/v1/models", headers={"Origin": "https://evil.example"}, timeout=10)
+        assert "access-control-allow-origin" not in other.headers
         time.sleep(0.3)
     finally:
         service.stop()
