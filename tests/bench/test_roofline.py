@@ -1,0 +1,63 @@
+"""bench/roofline.py: its hand-counted parameters equal transformers' native modules built on the meta device."""
+
+from __future__ import annotations
+
+import torch
+from transformers import NemotronHConfig, NemotronHForCausalLM, RadioConfig, RadioModel
+
+from bench import roofline
+from bench.roofline import GPU, LMArch, VisionArch, step_seconds
+
+
+def native_lm_config(lm: LMArch) -> NemotronHConfig:
+    # Built straight from the public config.json values, not from model/config.py, so this checks the
+    # roofline's arithmetic against transformers' own layer definitions.
+    return NemotronHConfig(
+        vocab_size=lm.vocab, hidden_size=lm.hidden, intermediate_size=lm.ffn,
+        hybrid_override_pattern=lm.pattern, num_attention_heads=lm.heads, num_key_value_heads=lm.kv_heads,
+        head_dim=lm.head_dim, mamba_num_heads=lm.mamba_heads, mamba_head_dim=lm.mamba_head_dim,
+        ssm_state_size=lm.ssm_state, n_groups=lm.groups, conv_kernel=lm.conv_kernel, use_conv_bias=True,
+        use_bias=False, mlp_bias=False, attention_bias=False, mlp_hidden_act="relu2",
+        tie_word_embeddings=lm.tied_embeddings, use_mamba_kernels=False)
+
+
+def test_language_model_parameter_count_matches_native_model():
+    lm = LMArch()
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(native_lm_config(lm))
+    assert sum(p.numel() for p in model.parameters()) == lm.total_params() == 12_310_001_152
+    layers = model.model.layers if hasattr(model, "model") else model.backbone.layers
+    kinds = {"M": lm.mamba_params(), "*": lm.attention_params(), "-": lm.mlp_params()}
+    for kind, layer in zip(lm.pattern, layers):
+        mixer = sum(p.numel() for p in layer.mixer.parameters())
+        assert mixer == kinds[kind], (kind, mixer)
+    assert (lm.n_mamba, lm.n_attention, lm.n_mlp) == (28, 6, 28)
+
+
+def test_vision_tower_parameter_count_matches_native_radio():
+    vis = VisionArch()
+    config = RadioConfig(hidden_size=vis.width, num_hidden_layers=vis.layers, num_attention_heads=16,
+                         mlp_ratio=vis.mlp / vis.width, patch_size=vis.patch, image_size=vis.tile,
+                         max_img_size=vis.pos_grid * vis.patch, num_cls_tokens=4, num_registers=4, qkv_bias=True)
+    with torch.device("meta"):
+        model = RadioModel(config)
+    # The native layer keeps LayerScale weights that C-RADIO does not have (model/architecture.py drops them).
+    count = sum(p.numel() for n, p in model.named_parameters() if "layer_scale" not in n)
+    assert count == vis.params() == 651_642_880
+    assert vis.tokens == 1032 and vis.image_tokens_per_tile == 256 and vis.projector_in == 5120
+
+
+def test_state_sizes_and_batch1_bound():
+    lm = LMArch()
+    assert lm.kv_bytes_per_token() == 6 * 2 * 8 * 128 * 2
+    assert lm.ssm_state_bytes(4) == 28 * 128 * 80 * 128 * 4
+    assert lm.conv_state_bytes() == 28 * (10240 + 2 * 8 * 128) * 3 * 2
+    seconds, nbytes, flops = step_seconds(lm, GPU(), 1, 300, 4)
+    assert nbytes / GPU().bandwidth == seconds  # batch 1 is bandwidth-bound
+    assert 6.9e-3 < seconds < 7.1e-3
+
+
+def test_report_prints_the_scenarios(capsys):
+    assert roofline.main([]) == 0
+    out = capsys.readouterr().out
+    assert "12,310,001,152" in out and "(a) 1 tile" in out and "(b) 13 tiles" in out
