@@ -1,0 +1,137 @@
+"""Property-based fuzzing of the chat-completions body against the running mock server.
+
+Whatever arrives (random JSON, a mutated nv-ingest body, random bytes), the server answers within
+a timeout, never with a 5xx, every non-200 in the OpenAI error shape, and it still serves a good
+request afterwards. Bounded: 300 examples in all, no database written, no per-example deadline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.images import decode_data_url
+from model.mock import describe
+from tests.helpers import data_url, nv_ingest_body, png_bytes
+
+GOOD_URL = data_url(png_bytes(40, 32, (20, 90, 160)))
+TIMEOUT = 15  # seconds per request: a hang fails the example instead of the whole run
+FUZZ = dict(deadline=None, database=None, print_blob=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+# Keys the server actually looks at, so that random structures reach past the first check.
+KEYS = st.sampled_from(["model", "messages", "role", "content", "type", "text", "image_url", "url", "detail",
+                        "max_tokens", "max_completion_tokens", "temperature", "top_p", "stream",
+                        "stream_options", "include_usage", "n", "seed", "stop", "name"]) | st.text(max_size=8)
+SCALARS = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40)
+           | st.sampled_from(["user", "system", "assistant", "developer", "tool", "image_url", "text",
+                              GOOD_URL, "data:image/png;base64,", "data:image/png;base64,AAAA",
+                              "http://169.254.169.254/", "file:///etc/passwd", "nvidia/nemotron-nano-12b-v2-vl"]))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(KEYS, inner, max_size=6),
+                    max_leaves=25)
+
+
+def _paths(node, prefix=()):
+    """Every place in a JSON document that a mutation can touch."""
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _paths(value, (*prefix, i))
+
+
+@st.composite
+def mutated_bodies(draw):
+    body = copy.deepcopy(nv_ingest_body(GOOD_URL))
+    for _ in range(draw(st.integers(1, 4))):
+        path = draw(st.sampled_from(list(_paths(body))))
+        if not path:
+            continue
+        parent = body
+        for step in path[:-1]:
+            parent = parent[step]
+        key = path[-1]
+        op = draw(st.sampled_from(["replace", "delete", "add", "wrap", "duplicate"]))
+        if op == "replace":
+            parent[key] = draw(JSON)
+        elif op == "delete":
+            del parent[key]
+        elif op == "add" and isinstance(parent, dict):
+            parent[draw(KEYS)] = draw(JSON)
+        elif op == "add":
+            parent.insert(key, draw(JSON))
+        elif op == "wrap":
+            parent[key] = [parent[key]]
+        elif isinstance(parent, list):
+            parent.extend([copy.deepcopy(parent[key])] * draw(st.integers(1, 5)))
+    return body
+
+
+def _post(service, headers, **kwargs) -> requests.Response:
+    return requests.post(service.chat_url, headers={**headers, "Content-Type": "application/json"},
+                         timeout=TIMEOUT, **kwargs)
+
+
+def _check(response: requests.Response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    if response.status_code != 200:
+        body = response.json()
+        assert set(body) == {"error"}, body
+        error = body["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert isinstance(error["message"], str) and error["message"]
+        assert isinstance(error["type"], str)
+        assert error["param"] is None or isinstance(error["param"], str)
+        assert error["code"] is None or isinstance(error["code"], str)
+        assert GOOD_URL[30:90] not in response.text  # an error never echoes the image back
+    elif response.headers.get("content-type", "").startswith("text/event-stream"):
+        assert response.text.rstrip().endswith("data: [DONE]"), response.text[-300:]
+        assert '"server_error"' not in response.text, response.text[-500:]
+    else:
+        body = response.json()
+        assert body["object"] == "chat.completion" and len(body["choices"]) == 1
+        assert isinstance(body["choices"][0]["message"]["content"], str)
+
+
+def _dumps(value) -> str:
+    # NaN and Infinity go out as Python writes them: invalid JSON that lenient parsers accept.
+    return json.dumps(value, allow_nan=True)
+
+
+@settings(max_examples=100, **FUZZ)
+@given(body=JSON)
+def test_random_json(mock_service, auth_headers, body):
+    _check(_post(mock_service, auth_headers, data=_dumps(body)))
+
+
+@settings(max_examples=150, **FUZZ)
+@given(body=mutated_bodies())
+def test_mutated_nv_ingest_body(mock_service, auth_headers, body):
+    _check(_post(mock_service, auth_headers, data=_dumps(body)))
+
+
+@settings(max_examples=50, **FUZZ)
+@given(raw=st.binary(max_size=4096) | st.builds(lambda s, cut: s[:cut], st.just(
+    _dumps(nv_ingest_body(GOOD_URL)).encode()), st.integers(0, 2000)))
+def test_random_bytes(mock_service, auth_headers, raw):
+    _check(_post(mock_service, auth_headers, data=raw))
+
+
+def test_still_serves_after_fuzzing(mock_service, auth_headers):
+    assert mock_service.proc.poll() is None, mock_service.log()
+    response = _post(mock_service, auth_headers, data=json.dumps(nv_ingest_body(GOOD_URL)))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == describe(decode_data_url(GOOD_URL, 10**8))
+
+
+def test_strategies_produce_what_they_claim():
+    # The checks above are only as good as their inputs: a NaN must survive to the wire.
+    assert "NaN" in _dumps({"temperature": math.nan})
