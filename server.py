@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(32_000, ge=1, description="characters of text across all messages")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
 
+    # Caption cache (per API-server process)
+    caption_cache_size: int = Field(0, ge=0, description="cached captions; 0 = off")
+    caption_cache_sampled: bool = Field(False, description="also cache requests with temperature > 0")
+
     # Auth: the same variables nv-ingest reads for its side.
     api_key: Optional[SecretStr] = Field(None, validation_alias=AliasChoices("NGC_API_KEY", "NVIDIA_API_KEY"))
     nim_require_auth: bool = True
@@ -112,7 +116,8 @@ class CaptionAPI(ls.LitAPI):
         info = ServiceInfo(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
                            settings.request_timeout, settings.metadata())
         super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout,
-                         spec=CaptionSpec(info, settings.limits(), shared))
+                         spec=CaptionSpec(info, settings.limits(), shared, settings.caption_cache_size,
+                                          settings.caption_cache_sampled))
         self.settings = settings
         self.shared = shared
         self.auth = BearerAuth(settings.api_keys())

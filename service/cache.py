@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import struct
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from model.types import CaptionJob, ImagePart, TextPart
@@ -98,13 +97,6 @@ class CaptionCache(Generic[Result]):
         self.evictions = 0
         self.errors = 0        # generations that raised (their result was not stored)
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs) -> CaptionCache:
-        env = os.environ if environ is None else environ
-        size = int(env.get("CAPTION_CACHE_SIZE", "0") or 0)
-        sampled = env.get("CAPTION_CACHE_SAMPLED", "0").strip().lower() in ("1", "true", "yes", "on")
-        return cls(size=size, cache_sampled=sampled, **kwargs)
-
     @property
     def enabled(self) -> bool:
         return self.size > 0
@@ -124,6 +116,10 @@ class CaptionCache(Generic[Result]):
         if not greedy and not self.cache_sampled:
             return None
         return job_digest(job, include_sampling=not greedy)
+
+    def is_known(self, key: str | None) -> bool:
+        """Whether a request with this key would be answered without a new generation."""
+        return key is not None and (key in self._entries or key in self._flights)
 
     def get(self, key: str) -> Result | None:
         """Stored result (refreshing its recency), without counting; None when absent."""

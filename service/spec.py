@@ -26,6 +26,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from model.types import CaptionJob
 from service import metrics
+from service.cache import CaptionCache
 from service.errors import APIError, from_worker
 from service.jobs import JobLimits, build_job
 from service.protocol import (
@@ -60,17 +61,20 @@ class ClientGone(Exception):
 
 
 class CaptionSpec(OpenAISpec):
-    def __init__(self, info: ServiceInfo, limits: JobLimits, shared: SharedState):
+    def __init__(self, info: ServiceInfo, limits: JobLimits, shared: SharedState, cache_size: int = 0,
+                 cache_sampled: bool = False):
         super().__init__()
         self.info = info
         self.limits = limits
         self.shared = shared
+        # One cache per API-server process; a disconnecting leader must not fail the requests it leads.
+        self.cache = CaptionCache(cache_size, cache_sampled, leader_only_errors=(ClientGone,))
         self._workers_ready = False
 
     def __getstate__(self):
         # Workers only need the spec for LitServe's bookkeeping; the shared state travels with the API.
         state = super().__getstate__()
-        state["shared"] = None
+        state["shared"] = state["cache"] = None
         return state
 
     def pre_setup(self, lit_api) -> None:
@@ -128,26 +132,43 @@ class CaptionSpec(OpenAISpec):
             raise APIError(503, "The model is loading, or the service is shutting down or restarting; "
                                 "retry shortly.", code="service_unavailable", headers={"Retry-After": "5"})
         request_id = getattr(raw_request.state, "request_id", "") or uuid.uuid4().hex
-        # Image decoding is CPU work: keep it off the event loop.
-        job = await asyncio.to_thread(build_job, request, self.limits, request_id)
+        # Image decoding and hashing are CPU work: keep them off the event loop.
+        job, cache_key = await asyncio.to_thread(self._prepare, request, request_id)
+        log_fields = getattr(raw_request.state, "log_fields", {})
+        log_fields.update(images=len(job.images))
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            deltas = self._run(self._admit(job), raw_request, log_fields)
+            try:  # wait for the first delta, so that an early failure still gets its own status code
+                first = await anext(deltas, None)
+            except ClientGone:
+                return Response(status_code=499)
+            return StreamingResponse(self._sse(first, deltas, include_usage), media_type="text/event-stream")
+        if cache_key is not None:
+            (metrics.CACHE_HITS if self.cache.is_known(cache_key) else metrics.CACHE_MISSES).inc()
+        try:
+            result = await self.cache.get_or_compute(
+                cache_key, lambda: _collect(self._run(self._admit(job), raw_request, log_fields)))
+        except ClientGone:
+            return Response(status_code=499)  # nobody is listening; the status is for the log only
+        return _respond(self.info.served_model_name, result)
+
+    def _admit(self, job: CaptionJob) -> CaptionJob:
+        """Take a place among the requests in flight (released by `_run`), or refuse with 429."""
         if not self.shared.try_admit():
             metrics.REJECTED.labels("queue_full").inc()
             raise APIError(429, f"Too many requests in flight (MAX_QUEUED_REQUESTS={self.shared.max_in_flight}); "
                                 "retry shortly.", code="queue_full", headers={"Retry-After": "1"})
         job.job_id = self.shared.new_job_id()
         job.deadline = time.monotonic() + self.info.request_timeout
-        log_fields = getattr(raw_request.state, "log_fields", {})
-        log_fields.update(images=len(job.images))
-        deltas = self._run(job, raw_request, log_fields)
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            # Wait for the first delta so that an early failure still gets its own status code.
-            first = await anext(deltas, None)
-            return StreamingResponse(self._sse(first, deltas, include_usage), media_type="text/event-stream")
-        return await self._collect(deltas)
+        return job
+
+    def _prepare(self, request: ChatCompletionRequest, request_id: str) -> tuple[CaptionJob, str | None]:
+        job = build_job(request, self.limits, request_id)
+        return job, self.cache.key_for(job)
 
     async def _run(self, job: CaptionJob, raw_request: Request, log_fields: dict) -> AsyncIterator[dict]:
-        """Queue the job and yield its deltas; the admission slot is released however this ends."""
+        """Queue an admitted job and yield its deltas; its admission is released however this ends."""
         uid = uuid.uuid4()
         queue, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
@@ -216,23 +237,6 @@ class CaptionSpec(OpenAISpec):
             raise APIError(504, f"The request did not finish within REQUEST_TIMEOUT={self.info.request_timeout:g}s.",
                            code="timeout")
 
-    async def _collect(self, deltas: AsyncIterator[dict]) -> Response:
-        content, reasoning, last = [], [], {}
-        try:
-            async for delta in deltas:
-                content.append(delta.get("content") or "")
-                reasoning.append(delta.get("reasoning_content") or "")
-                last = delta
-        except ClientGone:
-            return Response(status_code=499)  # nobody is listening; the status is for the log only
-        message = AssistantMessage(content="".join(content), reasoning_content="".join(reasoning) or None)
-        body = ChatCompletionResponse(
-            model=self.info.served_model_name,
-            choices=[Choice(message=message, finish_reason=last.get("finish_reason") or "stop")],
-            usage=_usage(last),
-        )
-        return JSONResponse(body.model_dump(exclude_none=True))
-
     async def _sse(self, first: dict | None, deltas: AsyncIterator[dict], include_usage: bool):
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -268,6 +272,25 @@ async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[
         yield item
     async for item in rest:
         yield item
+
+
+async def _collect(deltas: AsyncIterator[dict]) -> dict:
+    """A whole answer from its deltas: text, reasoning, finish reason and usage."""
+    content, reasoning, last = [], [], {}
+    async for delta in deltas:
+        content.append(delta.get("content") or "")
+        reasoning.append(delta.get("reasoning_content") or "")
+        last = delta
+    return {"content": "".join(content), "reasoning_content": "".join(reasoning) or None,
+            "finish_reason": last.get("finish_reason") or "stop", "prompt_tokens": last.get("prompt_tokens", 0),
+            "completion_tokens": last.get("completion_tokens", 0)}
+
+
+def _respond(model: str, result: dict) -> JSONResponse:
+    message = AssistantMessage(content=result["content"], reasoning_content=result["reasoning_content"])
+    body = ChatCompletionResponse(model=model, choices=[Choice(message=message, finish_reason=result["finish_reason"])],
+                                  usage=_usage(result))
+    return JSONResponse(body.model_dump(exclude_none=True))
 
 
 def _usage(delta: dict) -> Usage:

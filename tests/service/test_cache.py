@@ -88,12 +88,9 @@ def test_sampled_requests_only_with_cache_sampled():
     assert key != sampled.key_for(make_job(temperature=1.0, top_p=0.9))
 
 
-def test_off_when_size_zero_and_from_env():
+def test_off_when_size_zero():
     assert CaptionCache(size=0).key_for(make_job()) is None
-    assert CaptionCache.from_env({}).enabled is False
-    cache = CaptionCache.from_env({"CAPTION_CACHE_SIZE": "5", "CAPTION_CACHE_SAMPLED": "1"})
-    assert cache.size == 5 and cache.cache_sampled
-    assert CaptionCache.from_env({"CAPTION_CACHE_SIZE": "5"}).cache_sampled is False
+    assert CaptionCache(size=0).enabled is False
     with pytest.raises(ValueError):
         CaptionCache(size=-1)
 
