@@ -167,9 +167,9 @@ def _post_chunked(port: int, chunks: list[bytes]) -> tuple[int, dict]:
         conn.putheader("Content-Type", "application/json")
         conn.putheader("Transfer-Encoding", "chunked")
         conn.endheaders()
-        for chunk in chunks:
-            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        conn.send(b"0\r\n\r\n")
+        # One write: a server that answers 413 and closes while later chunks are still arriving
+        # makes the kernel reset the connection, and the client would never read the 413.
+        conn.send(b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n")
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:
