@@ -19,11 +19,14 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.types import CaptionJob
+from service import metrics
 from service.auth import BearerAuth
+from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.jobs import JobLimits
 from service.lifecycle import WORKER_DIED_EXIT_CODE, install_sigterm_drain, watch_workers
 from service.observability import RequestContextMiddleware, configure_logging
+from service.remote_images import RemoteImagePolicy
 from service.spec import CaptionSpec, ServiceInfo
 from service.state import SharedState
 from service.worker import run_batch
@@ -62,11 +65,17 @@ class Settings(BaseSettings):
     max_model_len: int = 131072
 
     # Request limits
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body; 413 above")
     default_max_tokens: int = Field(1024, ge=1)
     max_output_tokens: int = Field(4096, ge=1)
     max_images_per_request: int = Field(4, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_prompt_chars: int = Field(32_000, ge=1, description="characters of text across all messages")
+    allow_remote_images: bool = False
+    remote_image_timeout: float = Field(10.0, gt=0, description="seconds per remote image, redirects included")
+    remote_image_max_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    remote_image_hosts: str = Field("", description="comma-separated hosts (*.example.com for subdomains); "
+                                                    "empty = any public host")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
 
     # Caption cache (per API-server process)
@@ -101,7 +110,10 @@ class Settings(BaseSettings):
     def limits(self) -> JobLimits:
         return JobLimits(default_max_tokens=self.default_max_tokens, max_output_tokens=self.max_output_tokens,
                          max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
-                         max_num_tiles=self.max_num_tiles, max_prompt_chars=self.max_prompt_chars)
+                         max_num_tiles=self.max_num_tiles, max_prompt_chars=self.max_prompt_chars,
+                         remote_images=RemoteImagePolicy.from_settings(
+                             self.allow_remote_images, self.remote_image_timeout, self.remote_image_max_bytes,
+                             self.remote_image_hosts))
 
     def accelerator(self) -> str:
         if self.enable_mock_inference or self.device == "cpu":
@@ -177,7 +189,8 @@ class CaptionAPI(ls.LitAPI):
 
 
 def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
-    middlewares = [RequestContextMiddleware]
+    # The body limit sits innermost, so request ids, logs and CORS also cover its 413s.
+    middlewares = [(BodyLimitMiddleware, {"max_bytes": settings.max_request_bytes}), RequestContextMiddleware]
     if settings.cors_origins:
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         middlewares.append((CORSMiddleware, {"allow_origins": origins, "allow_methods": ["GET", "POST"],
@@ -191,6 +204,7 @@ def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
 def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    metrics.clear_stale_files()
     if not settings.enable_mock_inference:
         from model.loader import check_can_run
 

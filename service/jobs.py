@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.images import ImageError, decode_data_url
+from model.images import ImageError
 from model.tiling import num_tiles
 from model.types import CaptionJob, ImagePart, Message, SamplingParams, TextPart
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, ImageContent
+from service.remote_images import RemoteImagePolicy, load_image
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class JobLimits:
     max_image_pixels: int
     max_num_tiles: int
     max_prompt_chars: int
+    remote_images: RemoteImagePolicy = RemoteImagePolicy()  # off unless ALLOW_REMOTE_IMAGES=1
 
 
 def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str = "") -> CaptionJob:
@@ -45,7 +47,7 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                                         "(MAX_IMAGES_PER_REQUEST)", param=f"messages.{i}.content.{j}",
                                    code="too_many_images")
                 try:
-                    parts.append(ImagePart(decode_data_url(part.url, limits.max_image_pixels)))
+                    parts.append(ImagePart(load_image(part.url, limits.max_image_pixels, limits.remote_images)))
                 except ImageError as exc:
                     raise APIError(400, f"messages[{i}].content[{j}]: {exc}",
                                    param=f"messages.{i}.content.{j}.image_url", code="invalid_image") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="caption-metrics-")
@@ -53,5 +54,9 @@ def render() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def mark_process_dead(pid: int) -> None:
-    multiprocess.mark_process_dead(pid)
+def clear_stale_files() -> None:
+    """Drop files left by an earlier run in a reused PROMETHEUS_MULTIPROC_DIR (its counters would add up)."""
+    own = f"_{os.getpid()}.db"
+    for path in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        if not path.name.endswith(own):
+            path.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ def run_batch(engine: Engine, jobs: list[CaptionJob]) -> Iterator[list[Output]]:
     metrics.BATCH_SIZE.observe(len(jobs))
     live = [i for i, job in enumerate(jobs) if not job.cancelled()]
     yield from _generate(engine, jobs, live, batch_size=len(live))
+    _record_gpu_memory()
 
 
 def _generate(engine: Engine, jobs: list[CaptionJob], live: list[int], batch_size: int) -> Iterator[list[Output]]:
@@ -88,3 +89,10 @@ def _free_gpu_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _record_gpu_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        metrics.GPU_MEMORY.labels(f"cuda:{device}").set(torch.cuda.memory_allocated(device))

@@ -10,9 +10,10 @@ API_KEY = "test-key-123"
 
 @pytest.fixture(scope="session")
 def mock_service(tmp_path_factory):
-    """Mock mode with a key set: auth on, batching on (batches of 4)."""
+    """Mock mode with a key set: auth on, batching on (batches of 4), a 1 MiB body limit."""
     service = Service({"ENABLE_MOCK_INFERENCE": "1", "NGC_API_KEY": API_KEY, "MAX_BATCH_SIZE": "4",
-                       "BATCH_TIMEOUT": "0.05"}, tmp_path_factory.mktemp("logs") / "mock.log")
+                       "BATCH_TIMEOUT": "0.05", "MAX_REQUEST_BYTES": str(1024 * 1024)},
+                      tmp_path_factory.mktemp("logs") / "mock.log")
     yield service
     service.stop()
 

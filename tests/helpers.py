@@ -62,7 +62,9 @@ class Service:
                  wait_for: str = "/v1/health/ready"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {k: v for k, v in os.environ.items() if k not in ("NGC_API_KEY", "NVIDIA_API_KEY")}
+        # Each server gets its own metrics directory (the test process may have set one on import).
+        inherited = ("NGC_API_KEY", "NVIDIA_API_KEY", "PROMETHEUS_MULTIPROC_DIR")
+        full_env = {k: v for k, v in os.environ.items() if k not in inherited}
         full_env.update({"PORT": str(self.port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
         full_env.update(env)
         self.log_path = log_path

@@ -23,7 +23,7 @@ def test_pixel_limit_is_checked_before_decoding():
 
 @pytest.mark.parametrize("url,fragment", [
     ("data:image/png;base64,%%%", "not valid base64"),
-    ("http://example.com/x.png", "remote image URLs are disabled"),
+    ("http://example.com/x.png", "unsupported image URL scheme 'http'"),
     ("s3://bucket/x.png", "unsupported image URL scheme 's3'"),
     ("data:image/webp;base64,AAAA", "unsupported image type 'image/webp'"),
     (data_url(b"GIF89a not really"), "not a PNG or JPEG"),

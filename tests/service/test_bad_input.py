@@ -113,6 +113,8 @@ CASES = [
     ("seed-not-int", _set(("seed",), "abc"), 422),
     ("unknown-model", _set(("model",), "some/other-model"), 404),
     ("prompt-too-long", _set(("messages", 0, "content"), "x" * 40_000), 400),
+    ("oversized-body", _set(("messages", 0, "content"), "x" * (1024 * 1024 + 10)), 413),
+    ("remote-url-private-address", lambda: _with_image("http://169.254.169.254/latest/meta-data"), 400),
 ]
 
 

@@ -114,7 +114,6 @@ def test_load_every_request_gets_its_own_caption_and_memory_is_stable(batched_se
     assert elapsed < 90
 
 
-@pytest.mark.xfail(reason="needs MAX_QUEUED_REQUESTS", strict=False)
 def test_burst_over_a_small_queue_gets_only_200s_and_429s(tmp_path):
     # MOCK_TOKEN_DELAY keeps each request in flight for a few ms, so 64 clients overrun 8 slots.
     service = Service({"ENABLE_MOCK_INFERENCE": "1", "MAX_BATCH_SIZE": "8", "BATCH_TIMEOUT": "0.01",
