@@ -1,0 +1,42 @@
+"""server.py as a program: settings from the environment, and refusing what cannot run here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from server import Settings
+from tests.helpers import ROOT
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine could run the 12B model")
+def test_default_12b_without_gpu_stops_at_once_with_advice():
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "server.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "ENABLE_MOCK_INFERENCE=1" in result.stderr and "python -m model.tiny" in result.stderr
+
+
+def test_settings_defaults_and_environment(monkeypatch):
+    for name in ("NGC_API_KEY", "NVIDIA_API_KEY", "PORT", "MAX_BATCH_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings()
+    assert (defaults.host, defaults.port, defaults.max_batch_size) == ("0.0.0.0", 8000, 8)
+    assert defaults.nim_served_model_name == "nvidia/nemotron-nano-12b-v2-vl"
+    assert defaults.api_keys() == []
+    monkeypatch.setenv("NVIDIA_API_KEY", "nv")
+    assert Settings().api_keys() == ["nv"]
+    monkeypatch.setenv("NGC_API_KEY", "ngc")
+    assert Settings().api_keys() == ["ngc"]
+    monkeypatch.setenv("NIM_REQUIRE_AUTH", "0")
+    assert Settings().api_keys() == []
+    monkeypatch.setenv("MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError):
+        Settings()
