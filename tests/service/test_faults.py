@@ -24,6 +24,16 @@ def slow_service(tmp_path, name, **env):
     return Service(settings, tmp_path / f"{name}.log")
 
 
+def in_background(service, n: int) -> tuple[list[threading.Thread], list[requests.Response]]:
+    """Start `n` caption requests in threads; the list fills as they are answered."""
+    results: list[requests.Response] = []
+    threads = [threading.Thread(target=lambda: results.append(requests.post(service.chat_url, json=BODY, timeout=60)))
+               for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
 def test_timeout_gets_504_and_the_work_is_dropped(tmp_path):
     service = slow_service(tmp_path, "timeout", REQUEST_TIMEOUT=1.5, MAX_BATCH_SIZE=1, MOCK_TOKEN_DELAY=0.5)
     try:
@@ -70,14 +80,7 @@ def test_client_disconnect_frees_its_place(tmp_path):
 
 def test_killed_worker_fails_in_flight_with_503_and_exits_non_zero(tmp_path):
     service = slow_service(tmp_path, "kill", MOCK_TOKEN_DELAY=0.5)
-    results = []
-
-    def call():
-        results.append(requests.post(service.chat_url, json=BODY, timeout=60))
-
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
+    threads, results = in_background(service, 3)
     time.sleep(1.0)
     workers = service.pids()["worker"]
     assert len(workers) == 1
@@ -94,14 +97,7 @@ def test_killed_worker_fails_in_flight_with_503_and_exits_non_zero(tmp_path):
 
 def test_sigterm_finishes_in_flight_work_then_exits_0(tmp_path):
     service = slow_service(tmp_path, "sigterm", SHUTDOWN_GRACE_PERIOD=30)
-    results = []
-
-    def call():
-        results.append(requests.post(service.chat_url, json=BODY, timeout=60))
-
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
+    threads, results = in_background(service, 3)
     time.sleep(0.5)
     service.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
