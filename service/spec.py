@@ -179,11 +179,17 @@ class CaptionSpec(OpenAISpec):
         admitted_at = time.monotonic()
         try:
             self.request_queue.put((self.response_queue_id, uid, admitted_at, job))
+            checked_at = time.monotonic()
             while True:
                 try:
                     await asyncio.wait_for(event.wait(), _POLL_SECONDS)
                 except asyncio.TimeoutError:
+                    pass
+                # Also while tokens flow: a client can leave in the middle of a long generation.
+                if time.monotonic() - checked_at >= _POLL_SECONDS:
                     await self._check_waiting(job, raw_request)
+                    checked_at = time.monotonic()
+                if not event.is_set():
                     continue
                 event.clear()
                 while queue:

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from service.lifecycle import WORKER_DIED_EXIT_CODE
@@ -110,3 +111,22 @@ def test_sigterm_finishes_in_flight_work_then_exits_0(tmp_path):
     assert all(r.json()["usage"]["completion_tokens"] == CAPTION_WORDS for r in results)
     assert service.proc.wait(60) == 0
     service.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_during_generation_stops_it(tmp_path, stream):
+    # Tokens flow the whole time (one every 0.2 s): noticing must not wait for a quiet moment.
+    service = slow_service(tmp_path, f"disconnect-{stream}", MAX_QUEUED_REQUESTS=1, MAX_BATCH_SIZE=1,
+                           MOCK_TOKEN_DELAY=0.2)
+    try:
+        try:
+            with requests.post(service.chat_url, json={**BODY, "stream": stream}, stream=True, timeout=1) as r:
+                next(r.iter_lines())  # generation has started; now hang up
+        except requests.Timeout:
+            pass
+        time.sleep(1.0)
+        start = time.monotonic()
+        response = requests.post(service.chat_url, json={**BODY, "max_tokens": 2}, timeout=10)
+        assert response.status_code == 200 and time.monotonic() - start < 1.5
+    finally:
+        service.stop()
