@@ -53,7 +53,7 @@ def load_image(path: str) -> str:
             return encode_png_within(image)
     except FileNotFoundError:
         raise ClientError(f"{path}: no such file") from None
-    except OSError as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ClientError(f"{path}: not a readable image ({exc})") from None
 
 

@@ -24,7 +24,7 @@ from service.auth import BearerAuth
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.jobs import JobLimits
-from service.lifecycle import WORKER_DIED_EXIT_CODE, install_sigterm_drain, watch_workers
+from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_sigterm_in_worker, install_sigterm_drain, watch_workers
 from service.observability import RequestContextMiddleware, configure_logging
 from service.remote_images import RemoteImagePolicy
 from service.spec import CaptionSpec, ServiceInfo
@@ -135,6 +135,7 @@ class CaptionAPI(ls.LitAPI):
         self.auth = BearerAuth(settings.api_keys())
 
     def setup(self, device: str) -> None:
+        ignore_sigterm_in_worker()
         if self.settings.enable_mock_inference:
             from model.mock import MockEngine
 

@@ -16,6 +16,7 @@ from typing import Literal, Protocol, Union
 from PIL import Image
 
 FinishReason = Literal["stop", "length"]
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -55,7 +56,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, temperature scaling overflows float32 logits; the answer is the argmax anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

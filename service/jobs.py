@@ -54,6 +54,12 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
             else:
                 parts.append(TextPart(part.text))
         messages.append(Message(role=role, content=parts))
+    for i, m in enumerate(messages):
+        try:
+            m.text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: JSON allows "\ud800", no tokenizer does
+            raise APIError(400, f"messages[{i}] holds text that is not valid Unicode (a lone surrogate)",
+                           param=f"messages.{i}.content", code="invalid_text") from None
     prompt_chars = sum(len(m.text) for m in messages)
     if prompt_chars > limits.max_prompt_chars:
         raise APIError(400, f"the messages hold {prompt_chars} characters of text, over this server's limit of "
@@ -74,5 +80,7 @@ def _sampling(request: ChatCompletionRequest, limits: JobLimits) -> SamplingPara
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         raise APIError(400, f"{param} is {max_tokens}, over this server's limit of {limits.max_output_tokens} "
                             "(MAX_OUTPUT_TOKENS)", param=param, code="max_tokens_exceeded")
-    return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+    return SamplingParams(max_tokens=max_tokens,
+                          temperature=1.0 if request.temperature is None else request.temperature,
+                          top_p=1.0 if request.top_p is None else request.top_p,
                           seed=request.seed, stop=list(request.stop or []))

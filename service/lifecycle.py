@@ -19,6 +19,16 @@ from service.state import SharedState
 
 logger = logging.getLogger(__name__)
 WORKER_DIED_EXIT_CODE = 3
+_stopping = threading.Event()
+
+
+def ignore_sigterm_in_worker() -> None:
+    """Inference workers leave SIGTERM to the main process, which drains first and then stops them.
+
+    Without this, a SIGTERM sent to the whole process group (systemd's default, `kill -TERM -PGID`)
+    would kill the worker under the requests the drain is waiting for.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def install_sigterm_drain(shared: SharedState, grace_period: float) -> None:
@@ -37,6 +47,7 @@ def install_sigterm_drain(shared: SharedState, grace_period: float) -> None:
             time.sleep(0.1)
         if shared.in_flight:
             logger.warning("grace period over with %d requests still in flight", shared.in_flight)
+        _stopping.set()  # from here on, workers end because we end them
         raise KeyboardInterrupt  # LitServe's run() shuts everything down on this
 
     signal.signal(signal.SIGTERM, handler)
@@ -55,7 +66,7 @@ def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seco
             time.sleep(interval)
         while True:
             dead = [p for p in server.inference_workers if not p.is_alive()]
-            if dead and not shared.draining:
+            if dead and not _stopping.is_set():  # during a drain too: its requests must not hang
                 logger.error("inference worker %s (pid %s) died with exit code %s; failing in-flight "
                              "requests and exiting with code %d", dead[0].name, dead[0].pid, dead[0].exitcode,
                              WORKER_DIED_EXIT_CODE)

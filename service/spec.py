@@ -129,8 +129,7 @@ class CaptionSpec(OpenAISpec):
                                 f"'{self.info.served_model_name}'.", param="model", code="model_not_found")
         if not self.is_ready():
             metrics.REJECTED.labels("not_ready").inc()
-            raise APIError(503, "The model is loading, or the service is shutting down or restarting; "
-                                "retry shortly.", code="service_unavailable", headers={"Retry-After": "5"})
+            raise _unavailable()
         request_id = getattr(raw_request.state, "request_id", "") or uuid.uuid4().hex
         # Image decoding and hashing are CPU work: keep them off the event loop.
         job, cache_key = await asyncio.to_thread(self._prepare, request, request_id)
@@ -159,6 +158,12 @@ class CaptionSpec(OpenAISpec):
             metrics.REJECTED.labels("queue_full").inc()
             raise APIError(429, f"Too many requests in flight (MAX_QUEUED_REQUESTS={self.shared.max_in_flight}); "
                                 "retry shortly.", code="queue_full", headers={"Retry-After": "1"})
+        if self.shared.draining or self.shared.worker_dead:
+            # SIGTERM (or a worker death) came while this request was being decoded: the drain
+            # does not wait for it, so it must not start.
+            self.shared.release()
+            metrics.REJECTED.labels("not_ready").inc()
+            raise _unavailable()
         job.job_id = self.shared.new_job_id()
         job.deadline = time.monotonic() + self.info.request_timeout
         return job
@@ -271,6 +276,11 @@ class CaptionSpec(OpenAISpec):
             logger.exception("stream failed")
             yield f"data: {json.dumps(APIError(500, 'Internal server error.').body())}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def _unavailable() -> APIError:
+    return APIError(503, "The model is loading, or the service is shutting down or restarting; retry shortly.",
+                    code="service_unavailable", headers={"Retry-After": "5"})
 
 
 async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:

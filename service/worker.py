@@ -45,7 +45,8 @@ def _generate(engine: Engine, jobs: list[CaptionJob], live: list[int], batch_siz
             yield out
     except Exception as exc:
         if not is_out_of_memory(exc):
-            raise
+            yield from _isolate_failure(engine, jobs, live, emitted, exc)
+            return
         _free_gpu_memory()
         logger.warning("out of GPU memory with a batch of %d; splitting it", len(live))
         out = [None] * len(jobs)
@@ -64,6 +65,23 @@ def _generate(engine: Engine, jobs: list[CaptionJob], live: list[int], batch_siz
         half = (len(untouched) + 1) // 2
         for part in (untouched[:half], untouched[half:]):
             yield from _generate(engine, jobs, part, batch_size=len(part))
+
+
+def _isolate_failure(engine: Engine, jobs: list[CaptionJob], live: list[int], emitted: set[int],
+                     exc: Exception) -> Iterator[list[Output]]:
+    """An unexpected error before any output: retry halves, so that only the job that fails gets the error."""
+    if emitted:
+        raise exc  # text already went out for some jobs: they cannot be replayed
+    if len(live) == 1:
+        logger.error("inference failed for request %s", jobs[live[0]].request_id, exc_info=exc)
+        out: list[Output] = [None] * len(jobs)
+        out[live[0]] = _error(500, "Inference failed for this request.", "internal_error")
+        yield out
+        return
+    logger.warning("a batch of %d failed (%s); retrying in halves to isolate the request", len(live), exc)
+    half = (len(live) + 1) // 2
+    for part in (live[:half], live[half:]):
+        yield from _generate(engine, jobs, part, batch_size=len(part))
 
 
 def _count(job: CaptionJob, delta: Delta) -> None:

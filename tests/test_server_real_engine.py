@@ -112,3 +112,12 @@ def test_think_puts_reasoning_apart(tiny_service):
                   if line.startswith("data: {")]
     streamed = "".join(e["choices"][0]["delta"].get("reasoning_content", "") for e in events if e["choices"])
     assert streamed == message["reasoning_content"]
+
+
+def test_extreme_but_valid_sampling_settings_in_one_batch(tiny_service):
+    bodies = [body(0, temperature=1e-300), body(1, seed=2**64 - 1, temperature=1.0), body(2, top_p=1e-9,
+                                                                                          temperature=2.0)]
+    results = concurrently(tiny_service, bodies)
+    assert all(r["choices"][0]["finish_reason"] in ("stop", "length") for r in results)
+    # A temperature this small is greedy.
+    assert results[0]["choices"][0]["message"]["content"] == post(tiny_service, body(0))["choices"][0]["message"]["content"]

@@ -36,3 +36,17 @@ def test_errors_name_the_problem(url, fragment):
 def test_jpeg_is_accepted():
     raw = png_bytes(8, 8, (10, 200, 10), fmt="JPEG")
     assert decode_data_url(f"data:image/jpeg;base64,{base64.b64encode(raw).decode()}", 10**6).size == (8, 8)
+
+
+def test_pixel_limit_above_pillows_default_is_honoured():
+    # Pillow refuses above ~179M pixels by default; our limit must be the one that counts.
+    import struct
+    import zlib
+
+    raw = bytearray(png_bytes(8, 8))
+    raw[16:24] = struct.pack(">II", 10_000, 10_000)  # IHDR width and height: 100M pixels
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])) & 0xFFFFFFFF)
+    with pytest.raises(ImageError, match="MAX_IMAGE_PIXELS"):
+        decode_data_url(data_url(bytes(raw)), max_pixels=50_000_000)
+    with pytest.raises(ImageError, match="truncated or corrupt"):  # allowed size: fails later, on the data
+        decode_data_url(data_url(bytes(raw)), max_pixels=200_000_000)

@@ -111,6 +111,8 @@ CASES = [
     ("stop-not-string", _set(("stop",), 17), 422),
     ("stream-not-bool", _set(("stream",), "maybe"), 422),
     ("seed-not-int", _set(("seed",), "abc"), 422),
+    ("seed-too-large", _set(("seed",), 2**64), 422),
+    ("lone-surrogate-text", _set(("messages", 1, "content", 0, "text"), "caption \ud800 this"), 400),
     ("unknown-model", _set(("model",), "some/other-model"), 404),
     ("prompt-too-long", _set(("messages", 0, "content"), "x" * 40_000), 400),
     ("oversized-body", _set(("messages", 0, "content"), "x" * (1024 * 1024 + 10)), 413),
@@ -168,4 +170,10 @@ def test_base64_with_line_breaks_is_accepted(mock_service, auth_headers):
     wrapped = base64.encodebytes(png_bytes()).decode()  # MIME-style, newline every 76 chars
     response = requests.post(mock_service.chat_url, json=nv_ingest_body(f"data:image/png;base64,{wrapped}"),
                              headers=auth_headers, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def test_null_sampling_fields_mean_the_defaults(mock_service, auth_headers):
+    body = nv_ingest_body(GOOD_URL, temperature=None, top_p=None, seed=None, stop=None, max_tokens=None)
+    response = requests.post(mock_service.chat_url, json=body, headers=auth_headers, timeout=30)
     assert response.status_code == 200, response.text

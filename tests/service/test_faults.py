@@ -25,6 +25,17 @@ def slow_service(tmp_path, name, **env):
     return Service(settings, tmp_path / f"{name}.log")
 
 
+def wait_in_flight(service, n: int, timeout: float = 10.0) -> None:
+    """Wait until `n` requests are admitted (from /metrics), so that a signal finds them in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in requests.get(f"{service.url}/metrics", timeout=5).text.splitlines():
+            if line.startswith("caption_requests_in_flight ") and float(line.split()[1]) >= n:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{n} requests never got in flight")
+
+
 def in_background(service, n: int) -> tuple[list[threading.Thread], list[requests.Response]]:
     """Start `n` caption requests in threads; the list fills as they are answered."""
     results: list[requests.Response] = []
@@ -82,11 +93,13 @@ def test_client_disconnect_frees_its_place(tmp_path):
 def test_killed_worker_fails_in_flight_with_503_and_exits_non_zero(tmp_path):
     service = slow_service(tmp_path, "kill", MOCK_TOKEN_DELAY=0.5)
     threads, results = in_background(service, 3)
-    time.sleep(1.0)
+    wait_in_flight(service, 3)
     workers = service.pids()["worker"]
     assert len(workers) == 1
     start = time.monotonic()
     os.kill(workers[0], signal.SIGKILL)
+    time.sleep(1.0)  # inside the 2 s the service keeps answering before it exits
+    assert requests.get(f"{service.url}/v1/health/ready", timeout=5).status_code == 503
     for t in threads:
         t.join(30)
     assert [r.status_code for r in results] == [503, 503, 503]
@@ -96,15 +109,21 @@ def test_killed_worker_fails_in_flight_with_503_and_exits_non_zero(tmp_path):
     service.stop()
 
 
-def test_sigterm_finishes_in_flight_work_then_exits_0(tmp_path):
-    service = slow_service(tmp_path, "sigterm", SHUTDOWN_GRACE_PERIOD=30)
+@pytest.mark.parametrize("to_group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_finishes_in_flight_work_then_exits_0(tmp_path, to_group):
+    # Docker and Kubernetes signal the main process; systemd and `kill -TERM -PGID` the whole group.
+    service = slow_service(tmp_path, f"sigterm-{to_group}", SHUTDOWN_GRACE_PERIOD=30)
     threads, results = in_background(service, 3)
-    time.sleep(0.5)
-    service.proc.send_signal(signal.SIGTERM)
+    wait_in_flight(service, 3)
+    if to_group:
+        os.killpg(service.proc.pid, signal.SIGTERM)
+    else:
+        service.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    refused = requests.post(service.chat_url, json=BODY, timeout=10)
-    assert refused.status_code == 503
-    assert requests.get(f"{service.url}/v1/health/ready", timeout=10).status_code == 503
+    if not to_group:  # signalled too, the API servers stop taking connections instead of answering 503
+        refused = requests.post(service.chat_url, json=BODY, timeout=10)
+        assert refused.status_code == 503
+        assert requests.get(f"{service.url}/v1/health/ready", timeout=10).status_code == 503
     for t in threads:
         t.join(30)
     assert [r.status_code for r in results] == [200, 200, 200]
@@ -128,5 +147,19 @@ def test_disconnect_during_generation_stops_it(tmp_path, stream):
         start = time.monotonic()
         response = requests.post(service.chat_url, json={**BODY, "max_tokens": 2}, timeout=10)
         assert response.status_code == 200 and time.monotonic() - start < 1.5
+    finally:
+        service.stop()
+
+
+def test_request_waiting_behind_a_long_one_gets_504_and_is_skipped(tmp_path):
+    service = slow_service(tmp_path, "queued-timeout", REQUEST_TIMEOUT=1.5, MAX_BATCH_SIZE=1, MOCK_TOKEN_DELAY=0.5)
+    try:
+        threads, results = in_background(service, 2)  # each needs 7.5 s; the second waits in the queue
+        for t in threads:
+            t.join(30)
+        assert [r.status_code for r in results] == [504, 504]
+        start = time.monotonic()  # neither is still occupying the worker
+        assert requests.post(service.chat_url, json={**BODY, "max_tokens": 2}, timeout=10).status_code == 200
+        assert time.monotonic() - start < 2.5
     finally:
         service.stop()

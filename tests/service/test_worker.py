@@ -66,18 +66,37 @@ def test_oom_mid_decode_fails_started_jobs_with_retryable_503():
     assert [e["status"] for e in errors] == [503, 503]
 
 
-def test_other_errors_propagate():
-    class Broken:
-        def generate(self, jobs):
-            raise ValueError("bug")
-            yield
+class PoisonedEngine(FakeEngine):
+    """Fails any batch holding the job named "bad", before or after its first step."""
 
+    def __init__(self, after_first_step: bool = False):
+        super().__init__(fits=99)
+        self.after_first_step = after_first_step
+
+    def generate(self, jobs):
+        inner = super().generate(jobs)
+        if not self.after_first_step and any(j.request_id == "bad" for j in jobs):
+            raise ValueError("tokenizer choked")
+        yield next(inner)
+        if any(j.request_id == "bad" for j in jobs):
+            raise ValueError("tokenizer choked")
+        yield from inner
+
+
+def test_a_failing_request_is_isolated_from_its_batch():
+    engine = PoisonedEngine()
+    text, finish, errors = collect(run_batch(engine, [job("a"), job("bad"), job("c"), job("d")]), 4)
+    assert text[0] == "a!" and text[2] == "c!" and text[3] == "d!"
+    assert errors[1]["status"] == 500 and errors[0] is None and errors[2] is None
+
+
+def test_an_error_after_output_fails_the_batch():
     try:
-        list(run_batch(Broken(), [job("a")]))
+        list(run_batch(PoisonedEngine(after_first_step=True), [job("a"), job("bad")]))
     except ValueError:
         pass
     else:
-        raise AssertionError("a non-OOM error must not be swallowed")
+        raise AssertionError("jobs that already streamed text cannot be replayed: the error must propagate")
 
 
 def test_abandoned_jobs_are_not_generated():
