@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.helpers import MODEL_NAME, data_url, nv_ingest_body
@@ -121,3 +123,17 @@ def test_extreme_but_valid_sampling_settings_in_one_batch(tiny_service):
     assert all(r["choices"][0]["finish_reason"] in ("stop", "length") for r in results)
     # A temperature this small is greedy.
     assert results[0]["choices"][0]["message"]["content"] == post(tiny_service, body(0))["choices"][0]["message"]["content"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(temperature=st.one_of(st.none(), st.floats(0, 2)), top_p=st.one_of(st.none(), st.floats(1e-12, 1)),
+       seed=st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1)),
+       stop=st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=3), max_size=4)),
+       text=st.text(max_size=40), max_tokens=st.integers(1, 6))
+def test_fuzzed_sampling_and_text_never_5xx(tiny_service, temperature, top_p, seed, stop, text, max_tokens):
+    b = body(1, temperature=temperature, top_p=top_p, seed=seed, stop=stop, max_tokens=max_tokens)
+    b["messages"][1]["content"][0]["text"] = text
+    response = requests.post(tiny_service.chat_url, json=b, timeout=120)
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -37,7 +37,10 @@ def test_routes_before_and_after_ready(tmp_path):
         assert ready.status_code == 503 and ready.json()["object"] == "health.response"
         early = requests.post(service.chat_url, json=nv_ingest_body(data_url(png_bytes())), headers=KEY, timeout=5)
         assert early.status_code == 503 and early.headers["retry-after"]
-        assert requests.get(f"{service.url}/v1/models", headers=KEY, timeout=5).status_code == 200
+        assert requests.get(f"{service.url}/metrics", timeout=5).status_code == 200
+        for route in KEYED_ROUTES:  # answered while loading, with the key only
+            assert requests.get(f"{service.url}{route}", timeout=5).status_code == 401
+            assert requests.get(f"{service.url}{route}", headers=KEY, timeout=5).status_code == 200
         deadline = time.monotonic() + 60
         while requests.get(f"{service.url}/v1/health/ready", timeout=5).status_code != 200:
             assert time.monotonic() < deadline, service.log()
