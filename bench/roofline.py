@@ -19,7 +19,6 @@ Assumptions (change them with the flags):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 

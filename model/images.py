@@ -14,7 +14,7 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 SUPPORTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg"}
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
@@ -74,7 +74,6 @@ def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
     try:
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
         image.load()  # first frame of an animated PNG
     except Exception:  # noqa: BLE001 - truncated data surfaces as OSError, SyntaxError, ...
         raise ImageError(f"{image.format} image data is truncated or corrupt") from None
