@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable, Iterator
 from importlib.metadata import version
 from typing import Optional
 
@@ -18,18 +19,18 @@ from starlette.middleware.cors import CORSMiddleware
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.types import CaptionJob
+from engine.request import EngineRequest, RequestOutput
 from service import metrics
 from service.auth import BearerAuth
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
-from service.jobs import JobLimits
+from service.engine_loop import EngineLoop
+from service.jobs import JobLimits, QueuedJob
 from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_sigterm_in_worker, install_sigterm_drain, watch_workers
 from service.observability import RequestContextMiddleware, configure_logging
 from service.remote_images import RemoteImagePolicy
 from service.spec import CaptionSpec, ServiceInfo
 from service.state import SharedState
-from service.worker import run_batch
 
 __version__ = "0.1.0"
 
@@ -44,8 +45,10 @@ class Settings(BaseSettings):
     # Serving
     host: str = "0.0.0.0"
     port: int = 8000
-    max_batch_size: int = Field(8, ge=1)
-    batch_timeout: float = Field(0.05, ge=0.0, description="seconds a batch waits to fill")
+    max_batch_size: int = Field(64, ge=1, description="sequences decoded together (at most; fewer if GPU memory "
+                                                      "is short)")
+    max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per engine step (chunked "
+                                                           "prefill)")
     workers_per_device: int = Field(1, ge=1)
     log_level: str = "info"
     log_format: str = Field("text", pattern="^(text|json)$")
@@ -62,7 +65,14 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     max_num_tiles: int = Field(12, ge=1, le=12)
     nim_served_model_name: str = "nvidia/nemotron-nano-12b-v2-vl"
-    max_model_len: int = 131072
+    max_model_len: int = Field(16384, ge=64, description="prompt plus output tokens of one request (the size "
+                                                         "of one slot)")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory for weights, "
+                                                                           "activations and the slot pool")
+    ssm_state_dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    enforce_eager: bool = Field(False, description="no CUDA graphs for decoding (slower; for debugging)")
+    load_format: str = Field("safetensors", pattern="^(safetensors|dummy)$",
+                             description="dummy: random weights, for benchmarks without the checkpoint")
 
     # Request limits
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body; 413 above")
@@ -102,7 +112,10 @@ class Settings(BaseSettings):
             "device": self.device,
             "max_num_tiles": self.max_num_tiles,
             "max_batch_size": self.max_batch_size,
-            "batch_timeout": self.batch_timeout,
+            "max_prefill_tokens": self.max_prefill_tokens,
+            "max_model_len": self.max_model_len,
+            "ssm_state_dtype": self.ssm_state_dtype,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
             "workers_per_device": self.workers_per_device,
             "litserve": version("litserve"),
         }
@@ -122,71 +135,52 @@ class Settings(BaseSettings):
 
 
 class CaptionAPI(ls.LitAPI):
-    """Runs in each inference worker: one engine, one `generate` per LitServe batch."""
+    """Runs in the inference worker: one engine, stepped by `EngineLoop` (continuous batching)."""
 
     def __init__(self, settings: Settings, shared: SharedState):
         info = ServiceInfo(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
                            settings.request_timeout, settings.metadata())
-        super().__init__(max_batch_size=settings.max_batch_size, batch_timeout=settings.batch_timeout,
-                         spec=CaptionSpec(info, settings.limits(), shared, settings.caption_cache_size,
-                                          settings.caption_cache_sampled))
+        super().__init__(spec=CaptionSpec(info, settings.limits(), shared, settings.caption_cache_size,
+                                          settings.caption_cache_sampled), loop=EngineLoop())
         self.settings = settings
         self.shared = shared
         self.auth = BearerAuth(settings.api_keys())
 
     def setup(self, device: str) -> None:
         ignore_sigterm_in_worker()
-        if self.settings.enable_mock_inference:
-            from model.mock import MockEngine
+        s = self.settings
+        if s.enable_mock_inference:
+            from model.mock import mock_engine
 
-            self.engine = MockEngine(self.settings.mock_token_delay)
+            self.engine = mock_engine(s.max_batch_size, s.max_model_len, s.max_prefill_tokens, s.mock_token_delay)
         else:
             from model.engine import load_engine
 
-            s = self.settings
             # DEVICE=auto takes the device LitServe gives this worker ("cuda:N" or "cpu").
             self.engine = load_engine(s.model_id, s.model_revision, device=device if s.device == "auto" else s.device,
-                                      dtype=s.dtype, max_num_tiles=s.max_num_tiles)
-        self._warm_up()
-
-    def _warm_up(self) -> None:
-        """One tiny caption before the worker reports ready: readiness means a request has run."""
-        from PIL import Image
-
-        from model.types import ImagePart, Message, SamplingParams, TextPart
-
-        job = CaptionJob([Message("user", [TextPart("Caption the content of this image:"),
-                                           ImagePart(Image.new("RGB", (64, 64), (128, 128, 128)))])],
-                         SamplingParams(max_tokens=2, temperature=0.0))
-        for _ in self.engine.generate([job]):
-            pass
-
-    def _is_cancelled(self, job_id: int) -> bool:
-        return job_id in self.shared.cancelled_ids()
+                                      dtype=s.dtype, max_num_tiles=s.max_num_tiles, max_running=s.max_batch_size,
+                                      max_seq_len=s.max_model_len, max_prefill_tokens=s.max_prefill_tokens,
+                                      ssm_dtype=s.ssm_state_dtype, memory_fraction=s.gpu_memory_utilization,
+                                      load_format=s.load_format, enforce_eager=s.enforce_eager)
+        self.shared.set_engine_slots(self.engine.scheduler.num_slots)
 
     def authorize(self, request: Request) -> None:
         self.auth.check(request)
 
-    def decode_request(self, request: CaptionJob) -> CaptionJob:
-        # Validated and decoded in the API server (service/jobs.py); here it only learns to
-        # notice when that server gives up on it.
-        request.cancel_check = self._is_cancelled
-        return request
+    def cancelled_jobs(self) -> set[int]:
+        """Jobs the API servers gave up on (client gone); read once per engine step."""
+        return set(self.shared.cancelled_ids().tolist())
 
-    def batch(self, inputs: list[CaptionJob]) -> list[CaptionJob]:
-        return list(inputs)
+    def decode_request(self, request: QueuedJob) -> EngineRequest:
+        # Validated, decoded and tiled in the API server (service/jobs.py): only the engine's part goes in.
+        return request.request
 
-    def predict(self, x):
-        # LitServe passes a single job when max_batch_size is 1 and a list above (upstream #412).
-        batched = isinstance(x, list)
-        for step in run_batch(self.engine, x if batched else [x]):
-            yield step if batched else step[0]
+    def predict(self, x=None) -> Iterator[RequestOutput]:
+        """One engine step: the outputs of every request that advanced in it."""
+        yield from self.engine.step()
 
-    def unbatch(self, output):
-        return output  # predict already yields per-step lists aligned with the batch
-
-    def encode_response(self, output):
-        yield from output  # run_batch already encodes each step as plain dicts
+    def encode_response(self, outputs: Iterable[RequestOutput]) -> Iterator[RequestOutput]:
+        yield from outputs  # typed all the way to the API server, which builds the OpenAI shapes
 
 
 def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
@@ -210,9 +204,9 @@ def main() -> None:
         from model.loader import check_can_run
 
         check_can_run(settings.model_id, settings.device)
-    logger.info("serving %s as '%s' (mock=%s, max_batch_size=%d, batch_timeout=%.3fs)",
+    logger.info("serving %s as '%s' (mock=%s, max_batch_size=%d, max_model_len=%d, max_prefill_tokens=%d)",
                 settings.model_id, settings.nim_served_model_name, settings.enable_mock_inference,
-                settings.max_batch_size, settings.batch_timeout)
+                settings.max_batch_size, settings.max_model_len, settings.max_prefill_tokens)
     shared = SharedState(settings.max_queued_requests)
     server = build_server(settings, shared)
     install_sigterm_drain(shared, settings.shutdown_grace_period)

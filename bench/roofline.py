@@ -233,6 +233,26 @@ SCENARIOS = (
 )
 
 
+def figures(ssm_bytes: int = 4, gpu: GPU = GPU(), text_tokens: int = 40, output_tokens: int = 128) -> dict:
+    """The bounds for the figures `python -m bench.gpu` measures, under the same keys."""
+    lm, vis = LMArch(), VisionArch()
+
+    def caption(tiles: int, concurrency: int) -> dict:
+        return scenario(lm, vis, gpu, Scenario("", tiles, text_tokens, output_tokens, concurrency), ssm_bytes)
+
+    one_tile_context = vis.image_tokens_per_tile + text_tokens + output_tokens // 2
+    return {
+        "device": gpu.name,
+        "decode_ms_per_token": {str(b): round(step_seconds(lm, gpu, b, one_tile_context, ssm_bytes)[0] * 1e3, 3)
+                                for b in (1, 16, 64)},
+        "prefill_ms": {"1_tile": round(caption(1, 1)["prefill_ms"], 3), "13_tiles": round(caption(13, 1)["prefill_ms"], 3)},
+        "vit_ms_per_tile": round(vis.flops_per_tile() / gpu.bf16_flops * 1e3, 4),
+        "captions_per_s": {f"{t}tile_{output_tokens}tok_c{c}": round(caption(t, c)["captions_per_s"], 2)
+                           for t in (1, 13) for c in (16, 64)},
+        "peak_memory_gb": round(caption(13, 64)["memory_gb"], 2),
+    }
+
+
 def report(ssm_bytes: int = 4, gpu: GPU = GPU()) -> str:
     lm, vis = LMArch(), VisionArch()
     gb = 1e9

@@ -105,6 +105,8 @@ def build_body(image: BenchImage, args: argparse.Namespace) -> dict:
             "temperature": args.temperature, "top_p": 1.0, "stream": bool(args.stream)}
     if args.stream:
         body["stream_options"] = {"include_usage": True}
+    if args.ignore_eos:  # vLLM's extensions: every caption is exactly max_tokens long
+        body.update(min_tokens=args.max_tokens, ignore_eos=True)
     return body
 
 
@@ -278,6 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="use SSE and measure time to first token")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="1.0 is what nv-ingest sends")
+    p.add_argument("--ignore-eos", action="store_true", help="fixed-length captions of exactly --max-tokens")
     p.add_argument("--repeat-fraction", type=float, default=0.0)
     p.add_argument("--size", type=parse_size, default=(512, 512), help="image WIDTHxHEIGHT (sets the tile count)")
     p.add_argument("--kinds", type=parse_kinds, default=KINDS)

@@ -61,3 +61,20 @@ class ReasoningSplitter:
                 self.in_reasoning = False
             return None
         return "reasoning" if self.in_reasoning else "content"
+
+
+class TokenText:
+    """Generated ids -> ('reasoning' | 'content', text) pieces: the engine's text stream for a real tokenizer."""
+
+    def __init__(self, tokenizer, reasoning: bool, think_start_id: int | None, think_end_id: int | None):
+        self.splitter = ReasoningSplitter(reasoning, think_start_id, think_end_id)
+        self.decoders = {s: IncrementalDecoder(tokenizer) for s in ("reasoning", "content")}
+
+    def push(self, token_id: int) -> list[tuple[str, str]]:
+        stream = self.splitter.route(token_id)
+        if stream is None:
+            return []
+        return [(stream, self.decoders[stream].push(token_id))]
+
+    def flush(self) -> list[tuple[str, str]]:
+        return [(stream, decoder.flush()) for stream, decoder in self.decoders.items()]

@@ -162,13 +162,44 @@ def load_weights(model: NemotronNanoVLV2, path: Path, device: torch.device, dtyp
     return report
 
 
+@torch.no_grad()
+def init_random_weights(model: NemotronNanoVLV2, seed: int = 0) -> None:
+    """Random weights that keep activations in range: fan-in-scaled linears, unit-variance embeddings.
+
+    (The 0.02 default init makes a random network nearly blind to its input, so outputs would not
+    depend on the image or prompt, and batch-invariance checks could not tell requests apart.)
+    """
+    generator = torch.Generator(device=model.mlp1.linear_1.weight.device).manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, module.in_features**-0.5, generator=generator)
+    model.language_model.model.embeddings.weight.normal_(0.0, 1.0, generator=generator)
+    model.vision_model.embeddings.position_embedding.normal_(0.0, 1.0, generator=generator)
+
+
+def build_random_model(config: VLConfig, device: torch.device, dtype: torch.dtype) -> NemotronNanoVLV2:
+    """LOAD_FORMAT=dummy: the architecture with random weights, built directly on the device."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are born in the serving dtype: no float32 copy of 12B
+    try:
+        model = build_model(config, device)
+    finally:
+        torch.set_default_dtype(default)
+    init_random_weights(model)
+    return model
+
+
 def load_model(
-    model_id: str, revision: str | None, device: str = "auto", dtype: str = "auto"
+    model_id: str, revision: str | None, device: str = "auto", dtype: str = "auto", load_format: str = "safetensors"
 ) -> tuple[NemotronNanoVLV2, PreTrainedTokenizerFast, Path]:
     path = resolve_model_path(model_id, revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     config = read_config(path)
+    if load_format == "dummy":
+        log.warning("LOAD_FORMAT=dummy: random weights (for benchmarks; captions are meaningless)")
+        model = build_random_model(config, torch_device, torch_dtype).eval()
+        return model, load_tokenizer(path), path
     model = build_model(config, "meta")
     report = load_weights(model, path, torch_device, torch_dtype)
     problems = []

@@ -1,93 +1,103 @@
-"""Mock engine: deterministic captions that depend on the image content, no weights, no GPU.
+"""Mock model: deterministic captions that depend on the image content, no weights, no GPU.
 
-Tokens are counted as whitespace-separated words: a caption's words are its completion tokens,
-and the prompt's tokens are its text words plus `IMAGE_TOKENS` per 512x512 tile, with tiles
-counted as the real model would cut the image.
+`MockRunner` implements the engine's `ModelRunner` interface, so mock mode runs the real scheduler,
+sampler and text handling. Its tokens are whitespace words: token id k is the k-th word of the
+request's caption and id 0 is EOS. Prompt tokens are the prompt's words plus `IMAGE_TOKENS` per tile.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image
+import torch
 
-from model.stops import StopMatcher
-from model.types import CaptionJob, Delta
+from engine.llm_engine import LLMEngine
+from engine.request import EngineRequest, ImageInput
+from engine.runner import PrefillChunk, Prompt
 
 IMAGE_TOKENS = 256
+EOS = 0
+_CHOSEN, _OTHER = 0.0, -1e4  # logits that make every sampler choose the intended word
 
 
-def describe(image: Image.Image) -> str:
-    pixels = np.asarray(image, dtype=np.uint8)
-    r, g, b = (int(round(c)) for c in pixels.reshape(-1, 3).mean(axis=0))
-    digest = hashlib.sha256(pixels.tobytes() + f"{image.size}".encode()).hexdigest()[:10]
+def describe(image: ImageInput) -> str:
+    """A caption from what the engine receives: the tiles and the decoded image's size."""
+    # The last tile is the whole-image thumbnail (or the only tile): its mean colour is the image's.
+    r, g, b = (int(round(c)) for c in image.tiles[-1].reshape(-1, 3).mean(axis=0, dtype=np.float64))
     brightness = "bright" if (r + g + b) / 3 >= 128 else "dark"
     shape = "wide" if image.width > image.height else "tall" if image.height > image.width else "square"
     return (f"A {brightness} {shape} image of {image.width}x{image.height} pixels with mean colour "
-            f"#{r:02x}{g:02x}{b:02x} and content hash {digest}.")
+            f"#{r:02x}{g:02x}{b:02x} and content hash {image.digest[:10]}.")
 
 
-def mock_caption(job: CaptionJob) -> str:
-    images = job.images
+def mock_caption(request: EngineRequest) -> str:
+    images = request.images
     if not images:
-        words = sum(len(m.text.split()) for m in job.messages if m.role == "user")
+        words = sum(len(m.text.split()) for m in request.messages if m.role == "user")
         return f"No image was given; the prompt has {words} words."
     return " ".join(describe(image) for image in images)
 
 
-def prompt_tokens(job: CaptionJob) -> int:
-    return sum(len(m.text.split()) for m in job.messages) + IMAGE_TOKENS * job.tiles
+def prompt_tokens(request: EngineRequest) -> int:
+    return sum(len(m.text.split()) for m in request.messages) + IMAGE_TOKENS * request.tiles
 
 
-class MockEngine:
-    """Streams the mock caption word by word, one word per step for every job of the batch.
+class WordText:
+    """The mock's text stream: token k is word k of the caption."""
 
-    `step_delay` (seconds, MOCK_TOKEN_DELAY) imitates a model's decoding time, for tests of
-    timeouts, overload and shutdown that need requests to stay in flight.
-    """
-
-    def __init__(self, step_delay: float = 0.0):
-        self.step_delay = step_delay
-
-    def generate(self, jobs: list[CaptionJob]) -> Iterator[list[Delta | None]]:
-        states = [_MockState(job) for job in jobs]
-        while not all(s.done for s in states):
-            if self.step_delay:
-                time.sleep(self.step_delay)
-            yield [s.step() for s in states]
-
-
-class _MockState:
-    def __init__(self, job: CaptionJob):
-        self.job = job
-        self.words = mock_caption(job).split()
-        self.limit = job.params.max_tokens
-        self.prompt_tokens = prompt_tokens(job)
-        self.stops = StopMatcher(job.params.stop)
+    def __init__(self, words: list[str]):
+        self.words = words
         self.emitted = 0
-        self.done = False
 
-    def step(self) -> Delta | None:
-        if self.done:
-            return None
-        if self.job.cancelled():
-            self.done = True
-            return None
-        word = self.words[self.emitted]
+    def push(self, token_id: int) -> list[tuple[str, str]]:
+        word = self.words[(token_id - 1) % len(self.words)]
         self.emitted += 1
-        text, stopped = self.stops.feed(word if self.emitted == 1 else " " + word)
-        finish = None
-        if stopped:
-            finish = "stop"
-        elif self.emitted >= self.limit:
-            finish = "length"
-        elif self.emitted == len(self.words):
-            finish = "stop"
-        if finish:
-            text += "" if stopped else self.stops.flush()
-            self.done = True
-        return Delta(content=text, finish_reason=finish, prompt_tokens=self.prompt_tokens,
-                     completion_tokens=self.emitted)
+        return [("content", word if self.emitted == 1 else " " + word)]
+
+    def flush(self) -> list[tuple[str, str]]:
+        return []
+
+
+class MockRunner:
+    """Every step costs `step_delay` seconds (MOCK_TOKEN_DELAY), to imitate a model's decoding time."""
+
+    sampling_defaults = (1.0, 1.0)
+
+    def __init__(self, num_slots: int, max_seq_len: int, step_delay: float = 0.0):
+        self.num_slots, self.max_seq_len, self.step_delay = num_slots, max_seq_len, step_delay
+        self._words: dict[int, int] = {}  # slot -> caption length in words
+
+    def prepare(self, request: EngineRequest) -> Prompt:
+        words = mock_caption(request).split()
+        return Prompt(max(1, prompt_tokens(request)), frozenset({EOS}), WordText(words), len(words))
+
+    def encode_images(self, prompts: list[Prompt]) -> None:
+        pass
+
+    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
+        if not chunk.completes:
+            return None
+        self._words[chunk.slot] = chunk.prompt.payload
+        return self._logits([(chunk.slot, EOS)])
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        return self._logits(list(zip(slots, tokens)))
+
+    def _logits(self, rows: list[tuple[int, int]]) -> torch.Tensor:
+        """After word k comes word k + 1, then EOS (after EOS, when EOS is masked: the caption again)."""
+        vocab = max(self._words[slot] for slot, _ in rows) + 1
+        logits = torch.full((len(rows), vocab), _OTHER)
+        for row, (slot, last) in enumerate(rows):
+            length = self._words[slot]
+            logits[row, EOS if last == length else last % length + 1] = _CHOSEN
+        return logits
+
+    def release(self, slot: int) -> None:
+        self._words.pop(slot, None)
+
+
+def mock_engine(max_running: int, max_seq_len: int, max_prefill_tokens: int, step_delay: float = 0.0) -> LLMEngine:
+    return LLMEngine(MockRunner(max_running, max_seq_len, step_delay), max_running, max_prefill_tokens)

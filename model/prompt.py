@@ -1,4 +1,4 @@
-"""Prompt token ids for a job, built with the checkpoint's own chat template.
+"""Prompt token ids for a request, built with the checkpoint's own chat template.
 
 Each image is one `<image>` placeholder in the templated text (placed before the user's text, one
 per line, as vLLM's chat code does); after tokenisation every placeholder id becomes
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.types import CaptionJob, ImagePart, TextPart
+from engine.request import EngineRequest, ImagePart
 
 DEFAULT_SYSTEM_PROMPT = "/no_think"  # what nv-ingest sends; the template then closes the think block
 
@@ -30,22 +30,20 @@ class Prompt:
     reasoning: bool  # the prompt leaves a think block open for the model
 
 
-def chat_messages(job: CaptionJob) -> list[dict]:
+def chat_messages(request: EngineRequest) -> list[dict]:
     """Our typed messages -> chat-template messages with string contents."""
-    messages: list[dict] = []
-    system = job.system_prompt if any(m.role == "system" for m in job.messages) else DEFAULT_SYSTEM_PROMPT
-    messages.append({"role": "system", "content": system})
-    for message in job.messages:
+    system = request.system_prompt
+    messages: list[dict] = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT if system is None else system}]
+    for message in request.messages:
         if message.role == "system":
             continue
         placeholders = "".join("<image>\n" for p in message.content if isinstance(p, ImagePart))
-        text = "".join(p.text for p in message.content if isinstance(p, TextPart))
-        messages.append({"role": message.role, "content": placeholders + text})
+        messages.append({"role": message.role, "content": placeholders + message.text})
     return messages
 
 
-def render(tokenizer, job: CaptionJob) -> str:
-    return tokenizer.apply_chat_template(chat_messages(job), tokenize=False, add_generation_prompt=True)
+def render(tokenizer, request: EngineRequest) -> str:
+    return tokenizer.apply_chat_template(chat_messages(request), tokenize=False, add_generation_prompt=True)
 
 
 def expand_image_tokens(ids: list[int], tiles_per_image: list[int], image: ImageTokens) -> list[int]:
@@ -64,8 +62,8 @@ def expand_image_tokens(ids: list[int], tiles_per_image: list[int], image: Image
     return out
 
 
-def build_prompt(tokenizer, job: CaptionJob, tiles_per_image: list[int], image: ImageTokens) -> Prompt:
-    text = render(tokenizer, job)
+def build_prompt(tokenizer, request: EngineRequest, tiles_per_image: list[int], image: ImageTokens) -> Prompt:
+    text = render(tokenizer, request)
     # The template writes BOS itself; adding special tokens again would double it.
     ids = tokenizer.encode(text, add_special_tokens=False)
     # A template that closes the think block (`<think></think>` under /no_think) means no reasoning.

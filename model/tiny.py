@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from model.config import translate_config
-from model.loader import build_model
+from model.loader import build_model, init_random_weights
 from model.weights import native_to_official
 
 # Ids 0..12 follow the official tokenizer (`<s>`=1, `<SPECIAL_10/11/12>`=10/11/12, EOS `<SPECIAL_12>`).
@@ -209,14 +209,8 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = build_model(config, "cpu")
+    init_random_weights(model, seed)
     with torch.no_grad():
-        # The 0.02 init makes a tiny random network nearly blind to its input; fan-in scaling makes
-        # outputs depend on the image and prompt, so batch-invariance tests can tell jobs apart.
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, module.in_features**-0.5)
-        model.language_model.model.embeddings.weight.normal_(0.0, 1.0)
-        model.vision_model.embeddings.position_embedding.normal_(0.0, 1.0)
         # Only whole, printable tokens can win the argmax: random output decodes to readable text, and
         # EOS (a special token) ends a generation only when a test asks for it.
         model.language_model.lm_head.weight[unprintable_ids(tokenizer, vocab_size)] = 0.0

@@ -33,12 +33,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from model.types import CaptionJob, ImagePart, TextPart
+from engine.request import EngineRequest, ImagePart, TextPart
 
 Result = TypeVar("Result")
 
 
-def job_digest(job: CaptionJob, include_sampling: bool) -> str:
+def job_digest(job: EngineRequest, include_sampling: bool) -> str:
     """Hex SHA-256 of everything that determines a job's output."""
     h = hashlib.sha256()
 
@@ -52,15 +52,14 @@ def job_digest(job: CaptionJob, include_sampling: bool) -> str:
             if isinstance(part, TextPart):
                 field(b"T", part.text.encode("utf-8"))
             elif isinstance(part, ImagePart):
-                image = part.image
-                field(b"I", f"{image.mode}:{image.width}x{image.height}".encode())
-                field(b"P", image.tobytes())
+                field(b"I", part.image.digest.encode())
     p = job.params
     field(b"N", str(p.max_tokens).encode())
     field(b"S", "\x00".join(sorted(set(p.stop))).encode("utf-8"))  # matching ignores order and repeats
+    field(b"E", f"{p.min_tokens}:{p.ignore_eos}".encode())
     if include_sampling:
-        field(b"t", repr(float(p.temperature)).encode())
-        field(b"p", repr(float(p.top_p)).encode())
+        field(b"t", repr(p.temperature).encode())
+        field(b"p", repr(p.top_p).encode())
         field(b"s", repr(p.seed).encode())
     else:
         field(b"t", b"greedy")
@@ -108,7 +107,7 @@ class CaptionCache(Generic[Result]):
     def in_flight(self) -> int:
         return len(self._flights)
 
-    def key_for(self, job: CaptionJob) -> str | None:
+    def key_for(self, job: EngineRequest) -> str | None:
         """The job's cache key, or None when the policy says not to cache it (or the cache is off)."""
         if not self.enabled:
             return None

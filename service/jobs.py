@@ -1,16 +1,22 @@
-"""Turn a validated chat request into a `CaptionJob`, in the API-server process.
+"""Turn a validated chat request into an engine request, in the API-server process.
 
 Every check that can fail for one request happens here, before it is queued: a bad image then
-costs its own request a 400 and never fails the batch it would have joined.
+costs its own request a 400 and never reaches the engine. Images are decoded and tiled here (these
+processes run in parallel), so only compact uint8 tiles cross to the inference worker.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
+import numpy as np
+from PIL import Image
+
+from engine.request import EngineRequest, ImageInput, ImagePart, Message, SamplingParams, TextPart
 from model.images import ImageError
-from model.tiling import num_tiles
-from model.types import CaptionJob, ImagePart, Message, SamplingParams, TextPart
+from model.tiling import tile_image
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, ImageContent
 from service.remote_images import RemoteImagePolicy, load_image
@@ -27,7 +33,25 @@ class JobLimits:
     remote_images: RemoteImagePolicy = RemoteImagePolicy()  # off unless ALLOW_REMOTE_IMAGES=1
 
 
-def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str = "") -> CaptionJob:
+@dataclass
+class QueuedJob:
+    """What the API server queues for the worker: the engine's input plus the service's bookkeeping."""
+
+    request: EngineRequest
+    job_id: int = 0  # the key under which the API server cancels it (SharedState)
+    deadline: float = math.inf  # time.monotonic() after which nobody waits for the answer
+
+    def overdue(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) > self.deadline
+
+
+def to_input(image: Image.Image, max_num_tiles: int) -> ImageInput:
+    """A decoded RGB image -> the uint8 tiles the vision encoder will see."""
+    tiles = np.stack([np.asarray(tile, dtype=np.uint8) for tile in tile_image(image, max_num_tiles)])
+    return ImageInput(tiles, image.width, image.height)
+
+
+def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str = "") -> EngineRequest:
     messages: list[Message] = []
     n_images = 0
     for i, msg in enumerate(request.messages):
@@ -47,10 +71,11 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                                         "(MAX_IMAGES_PER_REQUEST)", param=f"messages.{i}.content.{j}",
                                    code="too_many_images")
                 try:
-                    parts.append(ImagePart(load_image(part.url, limits.max_image_pixels, limits.remote_images)))
+                    image = load_image(part.url, limits.max_image_pixels, limits.remote_images)
                 except ImageError as exc:
                     raise APIError(400, f"messages[{i}].content[{j}]: {exc}",
                                    param=f"messages.{i}.content.{j}.image_url", code="invalid_image") from None
+                parts.append(ImagePart(to_input(image, limits.max_num_tiles)))
             else:
                 parts.append(TextPart(part.text))
         messages.append(Message(role=role, content=parts))
@@ -67,9 +92,7 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                        code="prompt_too_long")
     if not any(m.role == "user" for m in messages):
         raise APIError(400, "messages must contain at least one user message", param="messages")
-    job = CaptionJob(messages=messages, params=_sampling(request, limits), request_id=request_id)
-    job.tiles = sum(num_tiles(image.width, image.height, limits.max_num_tiles) for image in job.images)
-    return job
+    return EngineRequest(request_id, messages, _sampling(request, limits), priority=request.priority)
 
 
 def _sampling(request: ChatCompletionRequest, limits: JobLimits) -> SamplingParams:
@@ -80,7 +103,9 @@ def _sampling(request: ChatCompletionRequest, limits: JobLimits) -> SamplingPara
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         raise APIError(400, f"{param} is {max_tokens}, over this server's limit of {limits.max_output_tokens} "
                             "(MAX_OUTPUT_TOKENS)", param=param, code="max_tokens_exceeded")
-    return SamplingParams(max_tokens=max_tokens,
-                          temperature=1.0 if request.temperature is None else request.temperature,
-                          top_p=1.0 if request.top_p is None else request.top_p,
-                          seed=request.seed, stop=list(request.stop or []))
+    if request.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({request.min_tokens}) is over max_tokens ({max_tokens})",
+                       param="min_tokens", code="invalid_min_tokens")
+    return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                          seed=request.seed, stop=list(request.stop or []), min_tokens=request.min_tokens,
+                          ignore_eos=request.ignore_eos)

@@ -37,7 +37,15 @@ QUEUE_DEPTH = Gauge("caption_queue_depth", "Requests admitted and waiting for th
 IN_FLIGHT = Gauge("caption_requests_in_flight", "Requests admitted and not yet answered.",
                   multiprocess_mode="livesum")
 REJECTED = Counter("caption_requests_rejected_total", "Requests refused before queuing, by reason.", ["reason"])
-BATCH_SIZE = Histogram("caption_batch_size", "Requests per inference batch.", buckets=(1, 2, 4, 8, 16, 32, 64))
+BATCH_SIZE = Histogram("caption_batch_size", "Sequences decoded together, per engine step.",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+RUNNING = Gauge("caption_running_sequences", "Sequences holding a slot (prefilling or decoding).",
+                multiprocess_mode="livesum")
+WAITING = Gauge("caption_waiting_requests", "Requests in the engine waiting for a slot.", multiprocess_mode="livesum")
+STEP_SECONDS = Histogram("caption_step_seconds", "Time of one engine step (prefill chunks, decode, sampling).",
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+PREFILL_TOKENS = Histogram("caption_prefill_tokens_per_step", "Prompt tokens prefilled in one engine step.",
+                           buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192))
 IMAGES = Counter("caption_images_total", "Images processed.")
 TILES = Counter("caption_tiles_total", "Image tiles processed by the vision encoder.")
 PROMPT_TOKENS = Counter("caption_prompt_tokens_total", "Prompt tokens, image tokens included.")

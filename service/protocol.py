@@ -53,14 +53,18 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    # null means the default, as in OpenAI's schema.
-    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    # Absent or null: the checkpoint's generation_config.json default, else 1.0 (as vLLM does).
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
+    # vLLM's extensions: scheduling order (lower runs sooner) and fixed-length outputs for benchmarks.
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -11,6 +11,7 @@ request is bounded: admission (429), deadline (504), worker death (503), client 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -24,11 +25,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.openai import OpenAISpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
-from model.types import CaptionJob
+from engine.request import EngineRequest, FinishReason, RequestOutput
 from service import metrics
 from service.cache import CaptionCache
 from service.errors import APIError, from_worker
-from service.jobs import JobLimits, build_job
+from service.jobs import JobLimits, QueuedJob, build_job
 from service.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -58,6 +59,17 @@ class ServiceInfo:
 
 class ClientGone(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer, collected from a request's outputs (and what the caption cache keeps)."""
+
+    content: str
+    reasoning_content: str | None
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class CaptionSpec(OpenAISpec):
@@ -113,7 +125,8 @@ class CaptionSpec(OpenAISpec):
         return JSONResponse({"object": "health.response", "message": "Service is not ready."}, status_code=503)
 
     async def metadata(self) -> JSONResponse:
-        return JSONResponse(self.info.metadata)
+        # The slot count is settled by the worker at start (from free GPU memory).
+        return JSONResponse({**self.info.metadata, "max_running_sequences": self.shared.engine_slots})
 
     async def version(self) -> JSONResponse:
         return JSONResponse({"release": self.info.metadata.get("version", ""), "api": "1.0.0"})
@@ -152,7 +165,7 @@ class CaptionSpec(OpenAISpec):
             return Response(status_code=499)  # nobody is listening; the status is for the log only
         return _respond(self.info.served_model_name, result)
 
-    def _admit(self, job: CaptionJob) -> CaptionJob:
+    def _admit(self, job: EngineRequest) -> QueuedJob:
         """Take a place among the requests in flight (released by `_run`), or refuse with 429."""
         if not self.shared.try_admit():
             metrics.REJECTED.labels("queue_full").inc()
@@ -164,15 +177,15 @@ class CaptionSpec(OpenAISpec):
             self.shared.release()
             metrics.REJECTED.labels("not_ready").inc()
             raise _unavailable()
-        job.job_id = self.shared.new_job_id()
-        job.deadline = time.monotonic() + self.info.request_timeout
-        return job
+        # The engine's id is unique per queued request (a client's X-Request-ID need not be).
+        return QueuedJob(dataclasses.replace(job, request_id=uuid.uuid4().hex), self.shared.new_job_id(),
+                         time.monotonic() + self.info.request_timeout)
 
-    def _prepare(self, request: ChatCompletionRequest, request_id: str) -> tuple[CaptionJob, str | None]:
+    def _prepare(self, request: ChatCompletionRequest, request_id: str) -> tuple[EngineRequest, str | None]:
         job = build_job(request, self.limits, request_id)
         return job, self.cache.key_for(job)
 
-    async def _run(self, job: CaptionJob, raw_request: Request, log_fields: dict) -> AsyncIterator[dict]:
+    async def _run(self, job: QueuedJob, raw_request: Request, log_fields: dict) -> AsyncIterator[RequestOutput]:
         """Queue an admitted job and yield its deltas; its admission is released however this ends."""
         uid = uuid.uuid4()
         queue, event = deque(), asyncio.Event()
@@ -209,22 +222,20 @@ class CaptionSpec(OpenAISpec):
                     if status == LitAPIStatus.ERROR:
                         finished = True
                         raise from_worker(data)
-                    if not data:
+                    if not isinstance(data, RequestOutput):
                         continue
-                    delta = json.loads(data)
                     if not started:
                         started = True
                         metrics.QUEUE_DEPTH.dec()
                         metrics.TTFT.observe(time.monotonic() - admitted_at)
-                    if delta.get("error"):
+                    if data.error is not None:
                         finished = True
-                        raise APIError(**delta["error"])
-                    if delta.get("finish_reason"):
+                        raise APIError(data.error.status, data.error.message, code=data.error.code)
+                    if data.finish_reason:
                         finished = True
-                        log_fields.update(batch_size=delta.get("batch_size"), prompt_tokens=delta["prompt_tokens"],
-                                          completion_tokens=delta["completion_tokens"],
-                                          finish_reason=delta["finish_reason"])
-                    yield delta
+                        log_fields.update(prompt_tokens=data.prompt_tokens, completion_tokens=data.completion_tokens,
+                                          finish_reason=data.finish_reason)
+                    yield data
         finally:
             if not finished:
                 self.shared.cancel(job.job_id)  # free the worker from a request nobody will read
@@ -235,7 +246,7 @@ class CaptionSpec(OpenAISpec):
             # LitServe's own spec never frees these entries (upstream #452).
             self.response_buffer.pop(uid, None)
 
-    async def _check_waiting(self, job: CaptionJob, raw_request: Request) -> None:
+    async def _check_waiting(self, job: QueuedJob, raw_request: Request) -> None:
         if self.shared.worker_dead:
             raise APIError(503, "The inference worker died; the service is restarting. Retry the request.",
                            code="worker_unavailable", headers={"Retry-After": "5"})
@@ -243,12 +254,12 @@ class CaptionSpec(OpenAISpec):
         if await raw_request.is_disconnected():
             raise ClientGone
 
-    def _raise_if_overdue(self, job: CaptionJob) -> None:
-        if time.monotonic() > job.deadline:
+    def _raise_if_overdue(self, job: QueuedJob) -> None:
+        if job.overdue():
             raise APIError(504, f"The request did not finish within REQUEST_TIMEOUT={self.info.request_timeout:g}s.",
                            code="timeout")
 
-    async def _sse(self, first: dict | None, deltas: AsyncIterator[dict], include_usage: bool):
+    async def _sse(self, first: RequestOutput | None, deltas: AsyncIterator[RequestOutput], include_usage: bool):
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def event(choices: list[StreamChoice], usage: Usage | None = None) -> str:
@@ -257,17 +268,17 @@ class CaptionSpec(OpenAISpec):
             return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
         yield event([StreamChoice(delta=DeltaMessage(role="assistant", content=""))])
-        last = {}
+        last = RequestOutput("")
         try:
             pending = [first] if first is not None else []
             async for delta in _chain(pending, deltas):
                 last = delta
-                text, thought = delta.get("content") or None, delta.get("reasoning_content") or None
+                text, thought = delta.content or None, delta.reasoning_content or None
                 if text or thought:
                     yield event([StreamChoice(delta=DeltaMessage(content=text, reasoning_content=thought))])
-            yield event([StreamChoice(delta=DeltaMessage(), finish_reason=last.get("finish_reason") or "stop")])
+            yield event([StreamChoice(delta=DeltaMessage(), finish_reason=last.finish_reason or "stop")])
             if include_usage:
-                yield event([], usage=_usage(last))
+                yield event([], usage=_usage(last.prompt_tokens, last.completion_tokens))
         except ClientGone:
             return
         except APIError as exc:
@@ -283,32 +294,30 @@ def _unavailable() -> APIError:
                     code="service_unavailable", headers={"Retry-After": "5"})
 
 
-async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+async def _chain(first: list[RequestOutput], rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
     for item in first:
         yield item
     async for item in rest:
         yield item
 
 
-async def _collect(deltas: AsyncIterator[dict]) -> dict:
-    """A whole answer from its deltas: text, reasoning, finish reason and usage."""
-    content, reasoning, last = [], [], {}
-    async for delta in deltas:
-        content.append(delta.get("content") or "")
-        reasoning.append(delta.get("reasoning_content") or "")
-        last = delta
-    return {"content": "".join(content), "reasoning_content": "".join(reasoning) or None,
-            "finish_reason": last.get("finish_reason") or "stop", "prompt_tokens": last.get("prompt_tokens", 0),
-            "completion_tokens": last.get("completion_tokens", 0)}
+async def _collect(outputs: AsyncIterator[RequestOutput]) -> Answer:
+    """A whole answer from a request's outputs: text, reasoning, finish reason and usage."""
+    content, reasoning, last = [], [], RequestOutput("")
+    async for output in outputs:
+        content.append(output.content)
+        reasoning.append(output.reasoning_content)
+        last = output
+    return Answer("".join(content), "".join(reasoning) or None, last.finish_reason or "stop", last.prompt_tokens,
+                  last.completion_tokens)
 
 
-def _respond(model: str, result: dict) -> JSONResponse:
-    message = AssistantMessage(content=result["content"], reasoning_content=result["reasoning_content"])
-    body = ChatCompletionResponse(model=model, choices=[Choice(message=message, finish_reason=result["finish_reason"])],
-                                  usage=_usage(result))
+def _respond(model: str, answer: Answer) -> JSONResponse:
+    message = AssistantMessage(content=answer.content, reasoning_content=answer.reasoning_content)
+    body = ChatCompletionResponse(model=model, choices=[Choice(message=message, finish_reason=answer.finish_reason)],
+                                  usage=_usage(answer.prompt_tokens, answer.completion_tokens))
     return JSONResponse(body.model_dump(exclude_none=True))
 
 
-def _usage(delta: dict) -> Usage:
-    prompt, completion = int(delta.get("prompt_tokens", 0)), int(delta.get("completion_tokens", 0))
+def _usage(prompt: int, completion: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

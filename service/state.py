@@ -26,6 +26,8 @@ class SharedState:
         # Ring of cancelled job ids: API servers write, workers read once per decoding step.
         self._cancelled = _ctx.RawArray("q", CANCEL_SLOTS)
         self._cancel_next = _ctx.Value("q", 0)
+        # What the worker's engine settled on at start (the slot pool is sized there).
+        self._engine_slots = _ctx.RawValue("i", 0)
 
     # Admission ---------------------------------------------------------------------------
     def try_admit(self) -> bool:
@@ -71,3 +73,12 @@ class SharedState:
 
     def cancelled_ids(self) -> np.ndarray:
         return np.frombuffer(self._cancelled, dtype=np.int64)
+
+    # Engine ------------------------------------------------------------------------------
+    @property
+    def engine_slots(self) -> int:
+        """Sequences the engine runs at once (0 until a worker is ready)."""
+        return self._engine_slots.value
+
+    def set_engine_slots(self, slots: int) -> None:
+        self._engine_slots.value = slots

@@ -11,4 +11,5 @@ from model.engine import load_engine
 
 @pytest.fixture(scope="session")
 def engine(tiny_path):
-    return load_engine(str(tiny_path), None, device="cpu", dtype="auto", max_num_tiles=12)
+    return load_engine(str(tiny_path), None, device="cpu", dtype="auto", max_num_tiles=12, max_running=8,
+                       max_seq_len=16384, max_prefill_tokens=512)

@@ -1,6 +1,8 @@
-"""Engine behaviour on the tiny checkpoint (CPU, float32)."""
+"""The engine on the tiny checkpoint (CPU, float32): what requests get, alone or sharing steps."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -23,8 +25,10 @@ def varied_jobs(**params):
 
 
 def expected_prompt_tokens(engine, job):
-    text_ids = engine.tokenizer.encode(render(engine.tokenizer, job), add_special_tokens=False)
+    tokenizer = engine.runner.tokenizer
+    text_ids = tokenizer.encode(render(tokenizer, job), add_special_tokens=False)
     tiles = [num_tiles(i.width, i.height, 12) for i in job.images]
+    assert tiles == [i.num_tiles for i in job.images]
     return len(text_ids) - len(tiles) + sum(256 * t + 2 for t in tiles)
 
 
@@ -38,7 +42,8 @@ def test_greedy_output_is_identical_alone_and_in_a_batch(engine):
             a_last.prompt_tokens, a_last.completion_tokens, a_last.finish_reason)
     assert len({text for text, *_ in batched}) == len(jobs), "jobs should not all produce the same text"
     # Reversed order: rows move, outputs do not.
-    assert [r[0] for r in run(engine, jobs[::-1])] == [r[0] for r in batched][::-1]
+    again = [make_job_like(job) for job in jobs[::-1]]
+    assert [r[0] for r in run(engine, again)] == [r[0] for r in batched][::-1]
 
 
 def test_usage_counts_image_tokens_and_length_cut(engine):
@@ -84,31 +89,39 @@ def test_four_images_in_one_job(engine):
     assert last.prompt_tokens > 256 * (13 + 5 + 7 + 1)
 
 
+def make_job_like(job):
+    """The same request under a new id."""
+    return dataclasses.replace(job, request_id=job.request_id + "-again")
+
+
 class Script:
-    """Force the first rows' tokens step by step (the model still runs); later steps use the model."""
+    """Force the tokens of some requests step by step (the model still runs); later steps use the model."""
 
-    def __init__(self, engine, monkeypatch, scripts: dict[int, list[int]]):
-        self.step = 0
-        real = engine._choose
+    def __init__(self, engine, monkeypatch, scripts: dict[str, list[int]]):
+        self.steps: dict[str, int] = {}
+        real = engine.sampler.__call__
 
-        def choose(logits, states):
-            chosen = real(logits, states)
-            for row, ids in scripts.items():
-                if self.step < len(ids):
-                    chosen[row] = ids[self.step]
-            self.step += 1
+        def sample(logits, seqs):
+            chosen = real(logits, seqs)
+            for row, seq in enumerate(seqs):
+                ids = scripts.get(seq.request_id, [])
+                step = self.steps.get(seq.request_id, 0)
+                if step < len(ids):
+                    chosen[row] = ids[step]
+                self.steps[seq.request_id] = step + 1
             return chosen
 
-        monkeypatch.setattr(engine, "_choose", choose)
+        monkeypatch.setattr(engine, "sampler", sample)
 
 
 def test_think_puts_reasoning_and_answer_in_their_fields(engine, monkeypatch):
-    tok = engine.tokenizer
-    ids = ([engine.think_start_id] + tok.encode("The image is dark.", add_special_tokens=False)
-           + [engine.think_end_id] + tok.encode("A dark photo.", add_special_tokens=False) + [12])
-    Script(engine, monkeypatch, {0: ids, 1: ids})
+    tok = engine.runner.tokenizer
+    start, end = engine.runner.think_ids
+    ids = ([start] + tok.encode("The image is dark.", add_special_tokens=False)
+           + [end] + tok.encode("A dark photo.", add_special_tokens=False) + [12])
     jobs = [make_job([noise_image(64, 64, 0)], "Caption:", system="/think", max_tokens=50),
             make_job([noise_image(64, 64, 0)], "Caption:", system="/no_think", max_tokens=50)]
+    Script(engine, monkeypatch, {jobs[0].request_id: ids, jobs[1].request_id: ids})
     think, no_think = run(engine, jobs)
     assert (think[0], think[1]) == ("A dark photo.", "The image is dark.")
     assert think[2].finish_reason == "stop" and think[2].completion_tokens == len(ids)
@@ -117,19 +130,64 @@ def test_think_puts_reasoning_and_answer_in_their_fields(engine, monkeypatch):
 
 
 def test_eos_stops_and_is_counted(engine, monkeypatch):
-    ids = engine.tokenizer.encode("blue car", add_special_tokens=False) + [12]
-    Script(engine, monkeypatch, {0: ids})
-    (text, _, last, _), other = run(engine, [make_job([], "x", max_tokens=30), make_job([], "y", max_tokens=4)])
+    ids = engine.runner.tokenizer.encode("blue car", add_special_tokens=False) + [12]
+    jobs = [make_job([], "x", max_tokens=30), make_job([], "y", max_tokens=4)]
+    Script(engine, monkeypatch, {jobs[0].request_id: ids})
+    (text, _, last, _), other = run(engine, jobs)
     assert (text, last.finish_reason, last.completion_tokens) == ("blue car", "stop", len(ids))
     assert other[2].finish_reason == "length" and other[2].completion_tokens == 4
 
 
-def test_stop_string_inside_reasoning_and_multibyte_output(engine, monkeypatch):
-    tok = engine.tokenizer
+def test_stop_string_and_multibyte_output(engine, monkeypatch):
+    tok = engine.runner.tokenizer
     ids = tok.encode("Zürich 東京 😀 then STOP here", add_special_tokens=False)
-    Script(engine, monkeypatch, {0: ids})
-    (text, _, last, steps), = run(engine, [make_job([], "x", max_tokens=len(ids) + 5, stop=["STOP"])])
+    job = make_job([], "x", max_tokens=len(ids) + 5, stop=["STOP"])
+    Script(engine, monkeypatch, {job.request_id: ids})
+    (text, _, last, steps), = run(engine, [job])
     assert text == "Zürich 東京 😀 then " and last.finish_reason == "stop"
+
+
+def test_stop_string_inside_reasoning(engine, monkeypatch):
+    tok = engine.runner.tokenizer
+    start, end = engine.runner.think_ids
+    ids = [start] + tok.encode("first thought STOP more", add_special_tokens=False) + [end]
+    job = make_job([], "x", system="/think", max_tokens=len(ids) + 5, stop=["STOP"])
+    Script(engine, monkeypatch, {job.request_id: ids})
+    (text, reasoning, last, _), = run(engine, [job])
+    assert (text, reasoning, last.finish_reason) == ("", "first thought ", "stop")
+
+
+def test_min_tokens_and_ignore_eos_hold_eos_back(engine, monkeypatch):
+    jobs = [make_job([], "x", max_tokens=10), make_job([], "y", max_tokens=10, min_tokens=4),
+            make_job([], "z", max_tokens=6, ignore_eos=True)]
+    # The script forces EOS only where the sampler may choose it; masked rows fall back to the model.
+    real = engine.sampler.__call__
+
+    def sample(logits, seqs):
+        chosen = real(logits, seqs)
+        return [12 if seq.eos_allowed else token for seq, token in zip(seqs, chosen)]
+
+    monkeypatch.setattr(engine, "sampler", sample)
+    plain, held, ignored = run(engine, jobs)
+    assert plain[2].completion_tokens == 1 and plain[2].finish_reason == "stop"
+    assert held[2].completion_tokens == 5 and held[2].finish_reason == "stop"
+    assert ignored[2].completion_tokens == 6 and ignored[2].finish_reason == "length"
+
+
+def test_sampler_never_picks_eos_before_min_tokens(engine):
+    # Bias every row towards EOS: rows still under min_tokens must pick something else.
+    from engine.sampler import Sampler
+
+    class Row:
+        def __init__(self, allowed):
+            self.eos_allowed = allowed
+            self.prompt = type("P", (), {"eos_ids": frozenset({12})})()
+            self.params = type("S", (), {"greedy": True, "temperature": 0.0, "top_p": 1.0, "seed": None})()
+
+    logits = torch.zeros(2, 40)
+    logits[:, 12] = 100.0
+    allowed, held = Sampler()(logits, [Row(True), Row(False)])
+    assert allowed == 12 and held != 12
 
 
 def test_check_can_run(tiny_path, monkeypatch):

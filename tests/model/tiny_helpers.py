@@ -1,11 +1,16 @@
-"""Job builders and stream collectors for the engine tests."""
+"""Request builders and stream collectors for the engine tests."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 from PIL import Image
 
-from model.types import CaptionJob, ImagePart, Message, SamplingParams, TextPart
+from engine.request import EngineRequest, ImagePart, Message, RequestOutput, SamplingParams, TextPart
+from service.jobs import to_input
+
+_ids = itertools.count()
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -18,27 +23,36 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def make_job(images, text: str, system: str | None = "/no_think", **params) -> CaptionJob:
+def make_job(images, text: str, system: str | None = "/no_think", priority: int = 0, **params) -> EngineRequest:
     params.setdefault("max_tokens", 16)
     params.setdefault("temperature", 0.0)
     messages = []
     if system is not None:
         messages.append(Message("system", [TextPart(system)]))
-    messages.append(Message("user", [ImagePart(i) for i in images] + [TextPart(text)]))
-    return CaptionJob(messages, SamplingParams(**params))
+    messages.append(Message("user", [ImagePart(to_input(i, 12)) for i in images] + [TextPart(text)]))
+    return EngineRequest(f"req-{next(_ids)}", messages, SamplingParams(**params), priority=priority)
+
+
+def collect(engine, outputs_by_id: dict[str, list[RequestOutput]]) -> None:
+    """Step the engine until it is idle, appending each output under its request id."""
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen = outputs_by_id.setdefault(out.request_id, [])
+            assert not seen or not seen[-1].finished, "output after the last one"
+            seen.append(out)
 
 
 def run(engine, jobs):
-    """Collect every job's stream: (content, reasoning, last delta, number of non-empty steps)."""
-    deltas = [[] for _ in jobs]
-    for step in engine.generate(jobs):
-        assert len(step) == len(jobs)
-        for i, d in enumerate(step):
-            if d is not None:
-                assert not deltas[i] or deltas[i][-1].finish_reason is None, "delta after finish"
-                deltas[i].append(d)
-    out = []
-    for ds in deltas:
-        assert ds and ds[-1].finish_reason in ("stop", "length")
-        out.append(("".join(d.content for d in ds), "".join(d.reasoning_content for d in ds), ds[-1], len(ds)))
-    return out
+    """Run jobs together: per job (content, reasoning, last output, number of outputs)."""
+    for job in jobs:
+        engine.add_request(job)
+    outputs: dict[str, list[RequestOutput]] = {}
+    collect(engine, outputs)
+    results = []
+    for job in jobs:
+        outs = outputs[job.request_id]
+        assert outs[-1].error is None, outs[-1].error
+        assert outs[-1].finish_reason in ("stop", "length")
+        results.append(("".join(o.content for o in outs), "".join(o.reasoning_content for o in outs), outs[-1],
+                        len(outs)))
+    return results

@@ -1,0 +1,70 @@
+"""What the engine needs from a model: the interface that the real network and the mock both implement.
+
+The engine owns scheduling, slots, sampling and text; a runner owns the network and the per-slot
+state it keeps between steps (for the real model: Mamba conv/SSM states and attention KV).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from engine.request import EngineRequest
+
+
+class PromptTooLong(ValueError):
+    """The request can never fit in one slot."""
+
+
+class TextStream(Protocol):
+    """Turns generated ids into text, split into ('reasoning' | 'content', text) pieces."""
+
+    def push(self, token_id: int) -> list[tuple[str, str]]: ...
+
+    def flush(self) -> list[tuple[str, str]]: ...
+
+
+@dataclass
+class Prompt:
+    length: int  # prompt tokens, image tokens included
+    eos_ids: frozenset[int]
+    text: TextStream
+    payload: Any  # the runner's own: token ids, image tiles, embeddings once computed
+
+
+@dataclass
+class PrefillChunk:
+    slot: int
+    prompt: Prompt
+    start: int  # prompt positions [start, end) run in this step
+    end: int
+
+    @property
+    def completes(self) -> bool:
+        return self.end >= self.prompt.length
+
+
+class ModelRunner(Protocol):
+    num_slots: int
+    max_seq_len: int  # prompt plus output tokens one slot holds
+    sampling_defaults: tuple[float, float]  # temperature, top_p when a request gives none
+
+    def prepare(self, request: EngineRequest) -> Prompt: ...
+
+    def encode_images(self, prompts: list[Prompt]) -> None:
+        """Run the vision encoder once over the images of every prompt given (those starting their prefill)."""
+        ...
+
+    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
+        """Run one chunk into its slot; return next-token logits (1, vocab), float32, when it completes the prompt."""
+        ...
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """One token per slot; return next-token logits (len(slots), vocab), float32."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """The sequence in this slot is gone; its state may be overwritten."""
+        ...

@@ -1,0 +1,102 @@
+"""The inference worker's loop: LitServe's request queue in, one engine step at a time, outputs out.
+
+A loop of our own on LitServe's hooks (instead of its batched loops): every pass takes the
+requests that arrived, aborts those whose client left or whose deadline passed, and runs one
+engine step, so a request joins the running batch at the next step and leaves the moment it is done.
+Each output goes back typed, to the API server that queued its request.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from litserve.loops.base import LitLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
+
+from engine.request import RequestOutput
+from service import metrics
+from service.jobs import QueuedJob
+
+logger = logging.getLogger(__name__)
+IDLE_WAIT = 0.05  # seconds an idle worker blocks on the queue before checking again
+
+
+@dataclass
+class _Live:
+    job: QueuedJob
+    queue_id: int  # which API server's response queue
+    uid: object  # LitServe's id for the request on that queue
+    images: int
+    tiles: int
+
+
+class EngineLoop(LitLoop):
+    def __init__(self):
+        super().__init__()
+        self._live: dict[str, _Live] = {}
+
+    def pre_setup(self, lit_api, spec=None) -> None:
+        pass  # none of LitServe's batching checks apply: this loop calls the API's own hooks
+
+    def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
+        """One pass; LitServe calls it forever."""
+        engine = lit_api.engine
+        self._take_requests(lit_api, request_queue, block=not engine.has_unfinished())
+        self._abort_abandoned(lit_api, lit_api.cancelled_jobs())
+        if not engine.has_unfinished():
+            return
+        for output in lit_api.encode_response(lit_api.predict()):
+            self._send(transport, output)
+        stats = engine.stats
+        metrics.RUNNING.set(stats.running)
+        metrics.WAITING.set(stats.waiting)
+        metrics.STEP_SECONDS.observe(stats.seconds)
+        if stats.decode_rows:
+            metrics.BATCH_SIZE.observe(stats.decode_rows)
+        if stats.prefill_tokens:
+            metrics.PREFILL_TOKENS.observe(stats.prefill_tokens)
+
+    def _take_requests(self, lit_api, request_queue, block: bool) -> None:
+        while True:
+            item = self.get_request(request_queue, block=block, timeout=IDLE_WAIT if block else None)
+            if item is None:
+                return
+            block = False
+            queue_id, uid, _, job = item
+            request = job.request
+            self._live[request.request_id] = _Live(job, queue_id, uid, len(request.images), request.tiles)
+            lit_api.engine.add_request(lit_api.decode_request(job))
+
+    def _abort_abandoned(self, lit_api, cancelled: set[int]) -> None:
+        """Requests nobody waits for any more (client gone, deadline passed) leave the engine at once."""
+        now = time.monotonic()
+        for request_id, live in list(self._live.items()):
+            if live.job.overdue(now) or live.job.job_id in cancelled:
+                lit_api.engine.abort(request_id)
+                self._live.pop(request_id)
+
+    def _send(self, transport, output: RequestOutput) -> None:
+        live = self._live.get(output.request_id)
+        if live is None:
+            return
+        self.put_response(transport, live.queue_id, live.uid, output, LitAPIStatus.OK, LoopResponseType.STREAMING)
+        if output.finished:
+            self._live.pop(output.request_id)
+            if output.error is None:
+                _count(live, output)
+            self.put_response(transport, live.queue_id, live.uid, None, LitAPIStatus.FINISH_STREAMING,
+                              LoopResponseType.STREAMING)
+
+
+def _count(live: _Live, output: RequestOutput) -> None:
+    metrics.IMAGES.inc(live.images)
+    metrics.TILES.inc(live.tiles)
+    metrics.PROMPT_TOKENS.inc(output.prompt_tokens)
+    metrics.COMPLETION_TOKENS.inc(output.completion_tokens)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        metrics.GPU_MEMORY.labels(f"cuda:{device}").set(torch.cuda.memory_allocated(device))
