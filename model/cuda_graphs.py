@@ -30,7 +30,8 @@ def _buckets(start: int, limit: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, forward: SlotForward, max_batch: int):
+    def __init__(self, forward: SlotForward, max_batch: int, largest_only: bool = False):
+        """`largest_only`: capture just the biggest graph, whose memory the others share (for sizing)."""
         self.forward = forward
         pool = forward.pool
         self.device = forward.lm.lm_head.weight.device
@@ -47,6 +48,10 @@ class DecodeGraphs:
         for batch in reversed(self.batches):
             for span in reversed(self.spans):
                 self.graphs[(batch, span)] = self._capture(batch, span)
+                if largest_only:
+                    break
+            if largest_only:
+                break
         log.info("captured %d decoding graphs (batch %s x span %s) in %.1fs", len(self.graphs), self.batches,
                  self.spans, time.perf_counter() - started)
 
@@ -70,11 +75,11 @@ class DecodeGraphs:
 
     def run(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor | None:
         """Logits for the rows, or None when no captured graph fits (the caller runs eagerly)."""
-        n = len(slots)
-        batch = next((b for b in self.batches if b >= n), None)
-        span = next((s for s in self.spans if s > max(positions)), None)
-        if batch is None or span is None:
+        n, needed = len(slots), max(positions)
+        fits = [key for key in self.graphs if key[0] >= n and key[1] > needed]
+        if not fits:
             return None
+        batch, span = min(fits)
         pad = batch - n
         scratch = self.forward.pool.scratch
         host = torch.tensor([tokens + [0] * pad, slots + [scratch] * pad, positions + [0] * pad], dtype=torch.long)

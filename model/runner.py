@@ -93,20 +93,21 @@ class NemotronRunner:
         mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=self.device)
         std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=self.device)
         self._norm = (mean[:, None, None], std[:, None, None])
-        self.allocate(num_slots, max_seq_len)
+        self.allocate(num_slots, max_seq_len, graphs="none" if num_slots == 1 else "all")
 
-    def allocate(self, num_slots: int, max_seq_len: int, graph_batch: int | None = None) -> None:
+    def allocate(self, num_slots: int, max_seq_len: int, graph_batch: int | None = None,
+                 graphs: str = "all") -> None:
         """A fresh pool of `num_slots` slots; on a GPU also the decoding graphs, for batches up to
-        `graph_batch` (default: the slot count)."""
+        `graph_batch` (default: the slot count). graphs: "all", "largest" (to measure memory) or "none"."""
         self.pool = self.forward = None  # free the old pool and graphs before the new ones take their place
         self.pool = StatePool(self.config.text_config, num_slots, max_seq_len, self.dtype, self.ssm_dtype,
                               self.device)
         self.forward = SlotForward(self.model.language_model, self.pool)
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
-        if self.use_graphs:
+        if self.use_graphs and graphs != "none":
             from model.cuda_graphs import DecodeGraphs
 
-            self.forward.graphs = DecodeGraphs(self.forward, graph_batch or num_slots)
+            self.forward.graphs = DecodeGraphs(self.forward, graph_batch or num_slots, graphs == "largest")
 
     # ---- ModelRunner ---------------------------------------------------------------------------
 
@@ -166,7 +167,7 @@ def size_pool_on_gpu(runner: NemotronRunner, max_slots: int, max_seq_len: int, m
     device = runner.device
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    runner.allocate(1, max_seq_len, graph_batch=max_slots)  # the graphs' memory counts too
+    runner.allocate(1, max_seq_len, graph_batch=max_slots, graphs="largest")  # the graphs' memory counts too
     warm_up()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
