@@ -14,6 +14,7 @@ It writes DIR/results.json (keys below) and DIR/results.md (each figure against 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -165,7 +166,8 @@ def step_consistency(runner: NemotronRunner) -> dict:
     return {"relative_max_diff": round(diff, 5), "same_argmax": bool(full.argmax() == stepped.argmax())}
 
 
-def in_process(checkpoint: Path, device: str, load_format: str, tiny: bool, extra: dict) -> dict:
+def in_process(checkpoint: Path, device: str, load_format: str, tiny: bool, extra: dict,
+               compare_eager: bool = False) -> dict:
     torch_device = torch.device(device)
     log(f"loading the model on {device} ({load_format})")
     start = time.perf_counter()
@@ -188,7 +190,7 @@ def in_process(checkpoint: Path, device: str, load_format: str, tiny: bool, extr
     log(f"batch invariance {out['batch_invariance']:.2f}")
     extra["step_consistency"] = step_consistency(runner)
     log(f"prefill N+1 vs prefill N + one step: {extra['step_consistency']}")
-    if runner.forward.graphs is not None:  # what the graphs save
+    if compare_eager and runner.forward.graphs is not None:  # what the graphs save
         graphs, runner.forward.graphs = runner.forward.graphs, None
         extra["decode_ms_per_token_eager"] = {str(b): round(decode_ms(runner, b, 32), 3) for b in (1, 64)}
         runner.forward.graphs = graphs
@@ -196,8 +198,10 @@ def in_process(checkpoint: Path, device: str, load_format: str, tiny: bool, extr
     out["peak_memory_gb"] = (round(torch.cuda.max_memory_allocated(torch_device) / 1e9, 2)
                              if torch_device.type == "cuda" else None)
     del runner
+    gc.collect()  # the runner and its graphs refer to each other: only the collector frees them
     if torch_device.type == "cuda":
         torch.cuda.empty_cache()
+        log(f"GPU memory still allocated here: {torch.cuda.memory_allocated(torch_device) / 1e9:.2f} GB")
     return out
 
 
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="the tiny checkpoint on the CPU (the test suite's run)")
     p.add_argument("--skip-http", action="store_true", help="in-process figures only")
+    p.add_argument("--compare-eager", action="store_true", help="also time decoding without CUDA graphs")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds: HTTP levels that would start after this are skipped (a lease's time limit)")
     args = p.parse_args(argv)
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         name = torch.cuda.get_device_name(0)
     results = {"device": name, "commit": git_commit(), "date": date.today().isoformat()}
     extra: dict = {"date": results["date"]}
-    results.update(in_process(checkpoint, device, load_format, args.tiny, extra))
+    results.update(in_process(checkpoint, device, load_format, args.tiny, extra, args.compare_eager))
     results["captions_per_s"], results["roofline"] = {}, figures()
     save(args.out, results, extra)  # the in-process figures survive a failure over HTTP
     if not args.skip_http:

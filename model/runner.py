@@ -172,12 +172,16 @@ def size_pool_on_gpu(runner: NemotronRunner, max_slots: int, max_seq_len: int, m
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     one_slot = runner.slot_bytes(max_seq_len)
-    _, total = torch.cuda.mem_get_info(device)
-    fixed = peak - one_slot  # weights, activations, and whatever else the process holds
-    slots = int((total * memory_fraction - fixed) // one_slot)
-    log.info("GPU memory: %.1f GiB total, %.1f GiB for weights and activations at peak, %.2f GiB per slot of "
-             "%d tokens: room for %d slots at GPU_MEMORY_UTILIZATION=%.2f", total / GIB, fixed / GIB,
-             one_slot / GIB, max_seq_len, slots, memory_fraction)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    # What this process needs at peak beyond the pool, and what other processes leave free.
+    fixed = peak - one_slot
+    held_here = torch.cuda.memory_allocated(device)
+    budget = min(total * memory_fraction - fixed, free + held_here - fixed - total * (1 - memory_fraction))
+    slots = int(budget // one_slot)
+    log.info("GPU memory: %.1f GiB total, %.1f GiB free, %.1f GiB for weights and activations at peak, %.2f GiB "
+             "per slot of %d tokens: room for %d slots at GPU_MEMORY_UTILIZATION=%.2f", total / GIB, free / GIB,
+             fixed / GIB, one_slot / GIB, max_seq_len, slots, memory_fraction)
     return min(max_slots, slots)
 
 
