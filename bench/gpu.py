@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         checkpoint, device, load_format = write_dummy_checkpoint(work / "full"), "cuda", "dummy"
         name = torch.cuda.get_device_name(0)
-    results = {"device": name, "commit": git_commit(), "date": date.today().isoformat()}
+    # A copy of the tree on another machine may carry stale git metadata: BENCH_COMMIT names the commit sent.
+    results = {"device": name, "commit": os.environ.get("BENCH_COMMIT") or git_commit(),
+               "date": date.today().isoformat()}
     extra: dict = {"date": results["date"]}
     results.update(in_process(checkpoint, device, load_format, args.tiny, extra, args.compare_eager))
     results["captions_per_s"], results["roofline"] = {}, figures()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run, on a bare GPU machine with PyTorch but without our other packages and without internet:
-#     bash bench/gpu.sh            # results in $OUT (default bench/results/local)
+#     BENCH_COMMIT=<commit> bash bench/gpu.sh   # results in $OUT (default bench/results/local)
 # It installs the wheels carried in .whl/ (an ignored folder, filled beforehand on a machine with
 # internet by the one command below), then runs `python -m bench.gpu --out "$OUT"`.
 #
