@@ -21,13 +21,15 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Ubuntu 24.04 ships Python 3.12. tini is PID 1: it forwards SIGTERM to
 # `python server.py` (which turns it into LitServe's orderly shutdown) and reaps
-# the worker processes LitServe forks/spawns.
+# the worker processes LitServe forks/spawns. gcc and the Python headers are for
+# Triton (installed with the CUDA build of torch), which compiles a small launcher
+# for our Mamba decode kernels (model/kernels.py) the first time they run.
 # Versions of the distro packages are not pinned: the base image tag pins the
 # Ubuntu release, and security updates should flow in on rebuild.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3 python3-venv ca-certificates tini \
+        python3 python3-venv python3-dev gcc libc6-dev ca-certificates tini \
     && rm -rf /var/lib/apt/lists/*
 
 # A virtual environment owned by root (read-only for the service user):
@@ -47,20 +49,18 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 
-# Optional GPU kernels for the Mamba layers (mamba-ssm, causal-conv1d) are NOT
-# installed. With MAMBA_SKIP_CUDA_BUILD=TRUE / CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE
-# only their Triton/Python parts get installed, but causal-conv1d's Python module
-# imports its compiled CUDA extension unconditionally, and transformers picks the
-# fast path as soon as the packages are importable - so a skip-build install can
-# turn a working pure-PyTorch model into an import error. Triton kernels also
-# need a C compiler and Python headers at run time (not in this image). Doing it
-# properly means building wheels in a `-devel` stage with nvcc against the exact
-# torch version above; left for when we measure that the speed-up is worth it.
+# The fast decode path needs nothing more: our own Triton kernels for the Mamba
+# state updates (model/kernels.py) and CUDA graphs (model/cuda_graphs.py). The
+# mamba-ssm and causal-conv1d packages are NOT installed: causal-conv1d's Python
+# module imports its compiled CUDA extension unconditionally, and transformers
+# picks it as soon as it is importable, so a skip-build install can turn a
+# working model into an import error.
 
 # The service code only (see .dockerignore: no tests, .git, caches, docs).
 # Add any new top-level package used by server.py here; tests/test_deploy.py
 # checks that every local module it imports is copied.
 COPY server.py client.py ./
+COPY engine/ engine/
 COPY model/ model/
 COPY service/ service/
 
@@ -72,7 +72,7 @@ RUN groupadd --system --gid 1000 app \
     && chown -R app:app /cache
 
 # Container-specific settings only. Every other setting of server.py
-# (MAX_BATCH_SIZE, BATCH_TIMEOUT, WORKERS_PER_DEVICE, LOG_LEVEL,
+# (MAX_BATCH_SIZE, MAX_PREFILL_TOKENS, MAX_MODEL_LEN, GPU_MEMORY_UTILIZATION, LOG_LEVEL,
 # ENABLE_MOCK_INFERENCE, MODEL_ID, MODEL_REVISION, DEVICE, DTYPE, MAX_NUM_TILES,
 # NIM_SERVED_MODEL_NAME, NGC_API_KEY / NVIDIA_API_KEY, NIM_REQUIRE_AUTH, HF_TOKEN,
 # ...) is read from the environment at start: pass it with `-e NAME=value`.

@@ -66,7 +66,7 @@ class LLMEngine:
         if prompt.length + params.max_tokens > self.runner.max_seq_len:
             self._refuse(request, f"this request needs {prompt.length} prompt tokens plus max_tokens="
                                   f"{params.max_tokens}, over the {self.runner.max_seq_len} tokens one sequence may "
-                                  "hold here (MAX_SEQ_LEN): send fewer or smaller images, or a smaller max_tokens")
+                                  "hold here (MAX_MODEL_LEN): send fewer or smaller images, or a smaller max_tokens")
             return
         self.scheduler.add(Sequence(request, params, prompt, next(self._arrivals)))
 

@@ -50,9 +50,9 @@ def build_engine(runner: NemotronRunner, max_running: int, max_seq_len: int, max
         slots = size_pool_on_gpu(runner, max_running, max_seq_len, memory_fraction,
                                  lambda: run_to_end(LLMEngine(runner, 1, max_prefill_tokens), warm))
         if slots < 1:
-            raise DoesNotFit(f"not even one sequence of MAX_SEQ_LEN={max_seq_len} tokens fits in "
+            raise DoesNotFit(f"not even one sequence of MAX_MODEL_LEN={max_seq_len} tokens fits in "
                              f"GPU_MEMORY_UTILIZATION={memory_fraction} of this GPU next to the model: lower "
-                             "MAX_SEQ_LEN or MAX_NUM_TILES, or raise GPU_MEMORY_UTILIZATION")
+                             "MAX_MODEL_LEN or MAX_NUM_TILES, or raise GPU_MEMORY_UTILIZATION")
     else:
         slots = max_running
     runner.allocate(slots, max_seq_len)
@@ -61,7 +61,7 @@ def build_engine(runner: NemotronRunner, max_running: int, max_seq_len: int, max
         run_to_end(engine, warm)
     except RuntimeError as exc:
         raise DoesNotFit(f"one {warm.tiles}-tile request does not fit (MAX_NUM_TILES={max_num_tiles}, "
-                         f"MAX_SEQ_LEN={max_seq_len}): {exc}") from None
+                         f"MAX_MODEL_LEN={max_seq_len}): {exc}") from None
     log.info("state pool: %d slots of %d tokens (%.2f GiB); the largest request that fits holds %d tokens, "
              "prompt plus max_tokens", slots, max_seq_len, slots * runner.slot_bytes(max_seq_len) / GIB, max_seq_len)
     return engine

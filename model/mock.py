@@ -18,6 +18,7 @@ from engine.runner import PrefillChunk, Prompt
 
 IMAGE_TOKENS = 256
 EOS = 0
+VOCAB = 1024  # every caption is far shorter (at most 4 images of 16 words)
 _CHOSEN, _OTHER = 0.0, -1e4  # logits that make every sampler choose the intended word
 
 
@@ -69,7 +70,7 @@ class MockRunner:
         self._words: dict[int, int] = {}  # slot -> caption length in words
 
     def prepare(self, request: EngineRequest) -> Prompt:
-        words = mock_caption(request).split()
+        words = mock_caption(request).split()[:VOCAB - 1]
         return Prompt(max(1, prompt_tokens(request)), frozenset({EOS}), WordText(words), len(words))
 
     def encode_images(self, prompts: list[Prompt]) -> None:
@@ -88,8 +89,7 @@ class MockRunner:
 
     def _logits(self, rows: list[tuple[int, int]]) -> torch.Tensor:
         """After word k comes word k + 1, then EOS (after EOS, when EOS is masked: the caption again)."""
-        vocab = max(self._words[slot] for slot, _ in rows) + 1
-        logits = torch.full((len(rows), vocab), _OTHER)
+        logits = torch.full((len(rows), VOCAB), _OTHER)
         for row, (slot, last) in enumerate(rows):
             length = self._words[slot]
             logits[row, EOS if last == length else last % length + 1] = _CHOSEN

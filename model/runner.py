@@ -116,7 +116,7 @@ class NemotronRunner:
         prompt = build_prompt(self.tokenizer, request, tiles, self.image_tokens)
         if len(prompt.input_ids) >= self.max_seq_len:
             raise PromptTooLong(f"the prompt is {len(prompt.input_ids)} tokens, and one sequence holds at most "
-                                f"{self.max_seq_len} here (MAX_SEQ_LEN): send fewer or smaller images, or less text")
+                                f"{self.max_seq_len} here (MAX_MODEL_LEN): send fewer or smaller images, or less text")
         text = TokenText(self.tokenizer, prompt.reasoning, *self.think_ids)
         return Prompt(len(prompt.input_ids), self.eos_ids, text, _Payload(prompt.input_ids, request.images))
 

@@ -130,3 +130,11 @@ def _children(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def mock_caption_for(image) -> str:
+    """The mock engine's caption of a decoded image, as the service would tile it (MAX_NUM_TILES=12)."""
+    from model.mock import describe
+    from service.jobs import to_input
+
+    return describe(to_input(image, 12))

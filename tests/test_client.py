@@ -11,9 +11,9 @@ import numpy as np
 from PIL import Image
 
 from client import MAX_BASE64_CHARS, encode_png_within
-from model.mock import describe
+
 from tests.conftest import API_KEY
-from tests.helpers import ROOT
+from tests.helpers import ROOT, mock_caption_for
 
 
 def _noise(width, height, seed=0) -> Image.Image:
@@ -52,11 +52,11 @@ def test_client_prints_one_caption_per_image(mock_service, tmp_path):
     result = _run([*paths, "--url", mock_service.chat_url, "--concurrency", "3"], env_key=API_KEY)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines == [f"{p}: {describe(Image.open(p).convert('RGB'))}" for p in paths]
+    assert lines == [f"{p}: {mock_caption_for(Image.open(p).convert('RGB'))}" for p in paths]
 
     single = _run([paths[0], "--url", mock_service.chat_url, "--api-key", API_KEY, "--max-tokens", "4"])
     assert single.returncode == 0
-    assert single.stdout.strip() == " ".join(describe(Image.open(paths[0]).convert("RGB")).split()[:4])
+    assert single.stdout.strip() == " ".join(mock_caption_for(Image.open(paths[0]).convert("RGB")).split()[:4])
 
 
 def test_client_fails_readably(mock_service, tmp_path):

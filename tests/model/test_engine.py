@@ -10,7 +10,7 @@ import torch
 from model.loader import DEFAULT_MODEL_ID, check_can_run
 from model.prompt import render
 from model.tiling import num_tiles
-from tests.model.tiny_helpers import make_job, noise_image, run
+from tests.model.tiny_helpers import collect, make_job, noise_image, run
 
 LONG_TEXT = "Caption the content of this image in detail, mention every object, colour and text you can see. " * 3
 
@@ -200,3 +200,29 @@ def test_check_can_run(tiny_path, monkeypatch):
     check_can_run(str(tiny_path), "auto")  # a tiny local checkpoint runs anywhere
     with pytest.raises(SystemExit, match="no CUDA"):
         check_can_run(str(tiny_path), "cuda")
+
+
+def test_greedy_captions_are_the_same_when_joining_while_others_decode(engine):
+    """Requests that arrive while others are decoding get, token for token, what they get alone."""
+    jobs = varied_jobs(max_tokens=10)
+    alone = [run(engine, [make_job_like(job)])[0][0] for job in jobs]
+    first, *late = jobs
+    engine.add_request(first)
+    outputs: dict = {}
+    for job in late:  # each joins a few steps after the previous one
+        for _ in range(3):
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).append(out)
+        engine.add_request(job)
+    collect(engine, outputs)
+    together = ["".join(o.content for o in outputs[job.request_id]) for job in jobs]
+    assert together == alone
+
+
+def test_chunked_prefill_gives_the_same_caption(engine, tiny_path):
+    from model.engine import load_engine
+
+    small_chunks = load_engine(str(tiny_path), None, device="cpu", max_num_tiles=12, max_running=4,
+                               max_seq_len=16384, max_prefill_tokens=37)
+    job = make_job([noise_image(640, 480, 1)], "Caption the content of this image:", max_tokens=8)
+    assert run(small_chunks, [job])[0][0] == run(engine, [make_job_like(job)])[0][0]

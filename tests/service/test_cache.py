@@ -7,17 +7,18 @@ import asyncio
 import pytest
 from PIL import Image
 
-from model.types import CaptionJob, ImagePart, Message, SamplingParams, TextPart
+from engine.request import EngineRequest, ImageInput, ImagePart, Message, SamplingParams, TextPart
 from service.cache import CaptionCache, job_digest
+from service.jobs import to_input
 
 
 def make_job(color=(10, 20, 30), size=(32, 24), text="Caption the content of this image:", system="/no_think",
-             **params) -> CaptionJob:
+             **params) -> EngineRequest:
     params.setdefault("max_tokens", 64)
     params.setdefault("temperature", 0.0)
     messages = [Message("system", [TextPart(system)])] if system else []
-    messages.append(Message("user", [TextPart(text), ImagePart(Image.new("RGB", size, color))]))
-    return CaptionJob(messages=messages, params=SamplingParams(**params))
+    messages.append(Message("user", [TextPart(text), ImagePart(to_input(Image.new("RGB", size, color), 12))]))
+    return EngineRequest("", messages=messages, params=SamplingParams(**params))
 
 
 def run(coro):
@@ -63,11 +64,12 @@ def test_key_depends_on_pixels_prompt_system_and_settings():
     assert base not in keys and len(keys) == len(variants)
 
 
-def test_same_pixels_in_another_mode_is_another_key():
-    rgb = make_job()
-    rgba = make_job()
-    rgba.messages[-1].content[1] = ImagePart(Image.new("RGBA", (32, 24), (10, 20, 30, 255)))
-    assert job_digest(rgb, False) != job_digest(rgba, False)
+def test_same_tiles_from_another_image_size_is_another_key():
+    original = make_job()
+    tiles = original.messages[-1].content[1].image.tiles
+    resized = make_job()
+    resized.messages[-1].content[1] = ImagePart(ImageInput(tiles.copy(), 64, 48))
+    assert job_digest(original, False) != job_digest(resized, False)
 
 
 def test_greedy_ignores_seed_and_top_p_but_keeps_stop_as_a_set():

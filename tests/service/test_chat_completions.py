@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from model.images import decode_data_url
-from model.mock import describe
-from tests.helpers import MODEL_NAME, data_url, nv_ingest_body, png_bytes
+
+from tests.helpers import MODEL_NAME, data_url, nv_ingest_body, png_bytes, mock_caption_for
 
 URL_RED = data_url(png_bytes(64, 48, (200, 30, 30)))
 
@@ -30,7 +30,7 @@ def test_nv_ingest_request_verbatim(mock_service, auth_headers):
     assert len(body["choices"]) == 1
     choice = body["choices"][0]
     assert choice["message"]["role"] == "assistant"
-    assert choice["message"]["content"] == describe(decode_data_url(URL_RED, 10**8))
+    assert choice["message"]["content"] == mock_caption_for(decode_data_url(URL_RED, 10**8))
     assert choice["finish_reason"] == "stop"
     usage = body["usage"]
     assert usage["completion_tokens"] == len(choice["message"]["content"].split())
@@ -76,7 +76,7 @@ def test_streaming_sse_ends_with_done(mock_service, auth_headers):
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text == describe(decode_data_url(URL_RED, 10**8))
+    assert text == mock_caption_for(decode_data_url(URL_RED, 10**8))
     finishes = [c["choices"][0].get("finish_reason") for c in chunks if c["choices"]]
     assert finishes[-1] == "stop" and finishes.count("stop") == 1
     assert chunks[-1]["usage"]["completion_tokens"] == len(text.split())
@@ -90,7 +90,7 @@ def test_openai_client_non_streaming_and_streaming(mock_service):
         {"type": "text", "text": "Caption the content of this image:"},
         {"type": "image_url", "image_url": {"url": URL_RED}},
     ]}]
-    expected = describe(decode_data_url(URL_RED, 10**8))
+    expected = mock_caption_for(decode_data_url(URL_RED, 10**8))
     completion = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=64, seed=3)
     assert completion.choices[0].message.content == expected
     assert completion.usage.total_tokens > completion.usage.prompt_tokens
@@ -133,5 +133,5 @@ def test_concurrent_requests_each_get_their_own_caption(mock_service, auth_heade
     with ThreadPoolExecutor(n_requests) as pool:
         results = list(pool.map(one, range(n_requests)))
     for i, result in enumerate(results):
-        expected = describe(decode_data_url(urls[i], 10**8)).split()[: 8 + i]
+        expected = mock_caption_for(decode_data_url(urls[i], 10**8)).split()[: 8 + i]
         assert result["choices"][0]["message"]["content"] == " ".join(expected)

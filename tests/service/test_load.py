@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from model.images import decode_data_url
-from model.mock import describe
-from tests.helpers import Service, data_url, nv_ingest_body, png_bytes
+
+from tests.helpers import Service, data_url, nv_ingest_body, png_bytes, mock_caption_for
 
 CONCURRENCY = 64
 REQUESTS = 2000
@@ -34,7 +34,7 @@ def _image_url(i: int) -> str:
 
 
 def _expected(urls: list[str]) -> list[str]:
-    return [describe(decode_data_url(url, 10**8)) for url in urls]
+    return [mock_caption_for(decode_data_url(url, 10**8)) for url in urls]
 
 
 def _post(service: Service, url: str) -> requests.Response:
@@ -75,7 +75,7 @@ def _caption(response: requests.Response) -> str:
 
 @pytest.fixture(scope="module")
 def batched_service(tmp_path_factory):
-    service = Service({"ENABLE_MOCK_INFERENCE": "1", "MAX_BATCH_SIZE": "8", "BATCH_TIMEOUT": "0.01",
+    service = Service({"ENABLE_MOCK_INFERENCE": "1", "MAX_BATCH_SIZE": "8",
                        "MAX_QUEUED_REQUESTS": "4096", "LOG_LEVEL": "warning"},
                       tmp_path_factory.mktemp("logs") / "load.log")
     yield service
@@ -116,7 +116,7 @@ def test_load_every_request_gets_its_own_caption_and_memory_is_stable(batched_se
 
 def test_burst_over_a_small_queue_gets_only_200s_and_429s(tmp_path):
     # MOCK_TOKEN_DELAY keeps each request in flight for a few ms, so 64 clients overrun 8 slots.
-    service = Service({"ENABLE_MOCK_INFERENCE": "1", "MAX_BATCH_SIZE": "8", "BATCH_TIMEOUT": "0.01",
+    service = Service({"ENABLE_MOCK_INFERENCE": "1", "MAX_BATCH_SIZE": "8",
                        "MAX_QUEUED_REQUESTS": "8", "MOCK_TOKEN_DELAY": "0.001", "LOG_LEVEL": "warning"},
                       tmp_path / "queue.log")
     try:

@@ -1,0 +1,108 @@
+"""The slot-state forward pass against transformers' own NemotronH forward, on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.forward import SlotForward
+from model.loader import load_model
+from model.state_pool import MAMBA, StatePool
+
+TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    model, _, _ = load_model(str(tiny_path), None, "cpu", "float32")
+    return model
+
+
+def forward_for(model, slots: int = 4) -> SlotForward:
+    lm = model.language_model
+    return SlotForward(lm, StatePool(lm.config, slots, 256, torch.float32, torch.float32, torch.device("cpu")))
+
+
+def embeds(model, seed: int, n: int = TOKENS) -> torch.Tensor:
+    ids = torch.randint(20, model.config.text_config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+    return model.embed_tokens(ids)
+
+
+@torch.inference_mode()
+def native_last_logits(model, x: torch.Tensor) -> torch.Tensor:
+    return model.language_model(inputs_embeds=x[None], use_cache=False).logits[0, -1].float()
+
+
+@pytest.fixture
+def slow_heads(model):
+    """Every Mamba head's time step below time_step_min (1e-3), as for some heads of the real checkpoint."""
+    mixers = [b.mixer for b in model.language_model.model.layers if b.block_type == MAMBA]
+    saved = [m.dt_bias.detach().clone() for m in mixers]
+    with torch.no_grad():
+        for m in mixers:
+            m.dt_bias.fill_(-9.0)  # softplus(-9 + dt) is about 1e-4
+    yield
+    with torch.no_grad():
+        for m, bias in zip(mixers, saved):
+            m.dt_bias.copy_(bias)
+
+
+def test_prefill_matches_transformers(model):
+    x = embeds(model, 0)
+    ours = forward_for(model).prefill(0, x, 0, True)[0]
+    torch.testing.assert_close(ours, native_last_logits(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_equals_one_prefill(model):
+    x, fwd = embeds(model, 1), forward_for(model)
+    whole = fwd.prefill(0, x, 0, True)
+    for start in range(0, TOKENS, 7):  # chunks cut across the Mamba chunk size (16) and the conv width
+        chunked = fwd.prefill(1, x[start:start + 7], start, start + 7 >= TOKENS)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+def first_mamba_layer(model) -> int:
+    return next(i for i, b in enumerate(model.language_model.model.layers) if b.block_type == MAMBA)
+
+
+def test_prefill_then_decode_equals_longer_prefill_with_slow_heads(model, slow_heads):
+    """The time step is limited by time_step_limit (0, inf) in both paths, so a prompt's recurrent
+    state is the one decoding would have built token by token."""
+    ids = torch.randint(20, 600, (TOKENS + 1,), generator=torch.Generator().manual_seed(2))
+    x, layer = model.embed_tokens(ids), first_mamba_layer(model)
+    fwd = forward_for(model)
+    longer = fwd.prefill(0, x, 0, True)
+    fwd.prefill(1, x[:TOKENS], 0, False)
+    stepped = fwd.decode([1], [int(ids[TOKENS])])
+    torch.testing.assert_close(fwd.pool.ssm[layer][1], fwd.pool.ssm[layer][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stepped, longer, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_native_mixer_makes_the_prompt_state_too_large(model, slow_heads):
+    """What the fix avoids: transformers' chunked (prompt) path clamps the time step at time_step_min."""
+    x, layer = embeds(model, 3), first_mamba_layer(model)
+    with torch.inference_mode():
+        cache = model.language_model(inputs_embeds=x[None], use_cache=True).cache
+    native = cache.get_recurrent_state(layer, state_idx=0)[0]
+    fwd = forward_for(model)
+    fwd.prefill(0, x, 0, False)
+    ours = fwd.pool.ssm[layer][0]
+    assert native.norm() > 3 * ours.norm()
+
+
+def test_decode_in_any_slots_equals_decode_in_rows(model):
+    """Slots 0..n-1 (views of the pool) and scattered slots (gathered) give the same step."""
+    fwd = forward_for(model, slots=6)
+    prompts = [embeds(model, 10 + i, n) for i, n in enumerate((9, 23, 16))]
+    for slot, x in zip((0, 1, 2), prompts):
+        fwd.prefill(slot, x, 0, False)
+    for slot, x in zip((5, 3, 4), prompts):
+        fwd.prefill(slot, x, 0, False)
+    tokens = [31, 32, 33]
+    rows = fwd.decode([0, 1, 2], tokens)
+    scattered = fwd.decode([5, 3, 4], tokens)
+    torch.testing.assert_close(scattered, rows, rtol=1e-5, atol=1e-5)
+    # ...and the same as each sequence decoded alone.
+    alone = torch.cat([forward_for(model).prefill(0, torch.cat([x, model.embed_tokens(torch.tensor([t]))]), 0, True)
+                       for x, t in zip(prompts, tokens)])
+    torch.testing.assert_close(rows, alone, rtol=1e-4, atol=1e-4)
