@@ -115,7 +115,8 @@ class LLMEngine:
         return outputs
 
     def _prefill(self, work: list[tuple[Sequence, PrefillChunk]], outputs: list[RequestOutput]):
-        """Prefill chunk by chunk, so that a failure (out of memory, say) costs only its own request."""
+        """Encode the new images together, then prefill every chunk in one pass; a failure (out of
+        memory, say) costs only the requests it must: never a sequence that is already decoding."""
         starting = [seq for seq, chunk in work if chunk.start == 0]
         if starting:
             try:
@@ -127,21 +128,36 @@ class LLMEngine:
                     except Exception as exc:  # noqa: BLE001
                         log.error("vision encoder failed for request %s", seq.request_id, exc_info=exc)
                         self._fail(seq, exc, outputs)
-        done, logits = [], []
-        for seq, chunk in work:
-            if seq.done:
-                continue
-            try:
-                result = self.runner.prefill(chunk)
-            except Exception as exc:  # noqa: BLE001
-                log.error("prefill failed for request %s", seq.request_id, exc_info=exc)
-                self._fail(seq, exc, outputs)
-                continue
+        work = [(seq, chunk) for seq, chunk in work if not seq.done]
+        return self._run_chunks(work, outputs) if work else ([], [])
+
+    def _run_chunks(self, work: list[tuple[Sequence, PrefillChunk]], outputs: list[RequestOutput]):
+        """All chunks in one pass; if that fails, prompts that were just starting retry alone (their
+        slots start afresh), and the others fail: their slot state may be half-written."""
+        try:
+            logits = self.runner.prefill([chunk for _, chunk in work])
+        except Exception as exc:  # noqa: BLE001
+            if len(work) == 1:
+                log.error("prefill failed for request %s", work[0][0].request_id, exc_info=exc)
+                self._fail(work[0][0], exc, outputs)
+                return [], []
+            log.warning("a prefill of %d requests failed (%s); retrying the new ones one by one", len(work), exc)
+            done, rows = [], []
+            for seq, chunk in work:
+                if chunk.start > 0:
+                    self._fail(seq, exc, outputs)
+                    continue
+                d, r = self._run_chunks([(seq, chunk)], outputs)
+                done += d
+                rows += r
+            return done, rows
+        done, rows = [], []
+        for row, (seq, chunk) in enumerate(work):
             seq.num_prefilled = chunk.end
-            if result is not None:
+            if chunk.completes:
                 done.append(seq)
-                logits.append(result)
-        return done, logits
+                rows.append(logits[row:row + 1])
+        return done, rows
 
     def _fail(self, seq: Sequence, exc: Exception, outputs: list[RequestOutput]) -> None:
         seq.finish_reason = "stop"

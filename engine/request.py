@@ -95,6 +95,7 @@ class EngineRequest:
     messages: list[Message]
     params: SamplingParams
     priority: int = 0  # lower runs sooner, as vLLM defines it
+    enable_thinking: bool | None = None  # chat_template_kwargs.enable_thinking; None: the system prompt decides
 
     @property
     def images(self) -> list[ImageInput]:

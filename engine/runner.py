@@ -57,8 +57,9 @@ class ModelRunner(Protocol):
         """Run the vision encoder once over the images of every prompt given (those starting their prefill)."""
         ...
 
-    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        """Run one chunk into its slot; return next-token logits (1, vocab), float32, when it completes the prompt."""
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Run the chunks together, each into its slot; return the next-token logits at each chunk's last
+        position, (len(chunks), vocab), float32 (meaningful for the chunks that complete their prompt)."""
         ...
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:

@@ -10,6 +10,8 @@ NemotronH attention has no positional encoding, so a slot needs only its length.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers import NemotronHForCausalLM
@@ -17,6 +19,19 @@ from transformers.models.nemotron_h.modeling_nemotron_h import mamba2_chunk_scan
 
 from model import kernels
 from model.state_pool import ATTENTION, MAMBA, StatePool
+
+
+@dataclass
+class _Chunks:
+    """The rows of a batched prefill, on the host and on the device."""
+
+    slots: list[int]
+    index: torch.Tensor
+    starts: list[int]
+    start_tensor: torch.Tensor
+    sizes: list[int]
+    lengths: torch.Tensor
+    valid: torch.Tensor  # (rows, width): real positions, not padding
 
 
 class SlotForward:
@@ -30,23 +45,40 @@ class SlotForward:
     # ---- entry points --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, slot: int, embeds: torch.Tensor, start: int, want_logits: bool) -> torch.Tensor | None:
-        """Positions [start, start + len(embeds)) of the sequence in `slot`; embeds: (n, hidden)."""
-        if start == 0:
-            self.pool.reset(slot)
-        hidden = embeds[None]
+    def prefill(self, slots: list[int], embeds: list[torch.Tensor], starts: list[int]) -> torch.Tensor:
+        """Prompt chunks of several sequences in one pass: chunk i is positions [starts[i], starts[i] + n_i)
+        of the sequence in slots[i], embeds[i] is (n_i, hidden). Returns the logits at each chunk's last
+        position, (len(slots), vocab).
+
+        Chunks are right-padded to the longest. Padding never reaches a sequence's state: its Mamba
+        time step is zero (the state neither decays nor takes input), its inputs are zeroed, its keys are
+        not written, and no real position attends to it.
+        """
+        for slot, start in zip(slots, starts):
+            if start == 0:
+                self.pool.reset(slot)
+        rows, width = len(slots), max(e.shape[0] for e in embeds)
+        device = embeds[0].device
+        lengths = torch.tensor([e.shape[0] for e in embeds], device=device)
+        hidden = embeds[0].new_zeros(rows, width, embeds[0].shape[-1])
+        for row, e in enumerate(embeds):
+            hidden[row, :e.shape[0]] = e
+        batch = _Chunks(slots, torch.tensor(slots, device=device), starts, torch.tensor(starts, device=device),
+                        [e.shape[0] for e in embeds], lengths,
+                        torch.arange(width, device=device)[None, :] < lengths[:, None])
         for layer, block in enumerate(self.lm.model.layers):
             residual = hidden
             x = block.norm(hidden.to(dtype=block.norm.weight.dtype))
             if block.block_type == MAMBA:
-                x = self._mamba_chunk(block.mixer, layer, slot, x, start)
+                x = self._mamba_chunk(block.mixer, layer, batch, x)
             elif block.block_type == ATTENTION:
-                x = self._attention_chunk(block.mixer, layer, slot, x, start)
+                x = self._attention_chunk(block.mixer, layer, batch, x)
             else:
                 x = block.mixer(x)
             hidden = residual + x
-        self.pool.lengths[slot] = start + embeds.shape[0]
-        return self._logits(hidden[:, -1]) if want_logits else None
+        for slot, start, n in zip(slots, starts, batch.sizes):
+            self.pool.lengths[slot] = start + n
+        return self._logits(hidden[torch.arange(rows, device=device), lengths - 1])
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
@@ -91,26 +123,31 @@ class SlotForward:
     def _split(mixer, projected: torch.Tensor):
         return projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
 
-    def _mamba_chunk(self, mixer, layer: int, slot: int, x: torch.Tensor, start: int) -> torch.Tensor:
-        n = x.shape[1]
+    def _mamba_chunk(self, mixer, layer: int, batch: _Chunks, x: torch.Tensor) -> torch.Tensor:
+        rows, width = x.shape[:2]
         gate, xbc, dt = self._split(mixer, mixer.in_proj(x))
         conv_state = self.pool.conv[layer]
-        # The convolution sees the slot's last inputs before this chunk (zeros at the start).
-        history = torch.cat([conv_state[slot][None].to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)
-        conv_state[slot] = history[0, :, -conv_state.shape[-1]:]
+        keep = conv_state.shape[-1]
+        # The convolution sees each slot's last inputs before this chunk (zeros at the start); the
+        # slot keeps the last `keep` real inputs, which end at a different column in each row.
+        history = torch.cat([conv_state[batch.index].to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)
+        columns = (batch.lengths[:, None] + torch.arange(keep, device=x.device)[None, :])[:, None, :]
+        conv_state[batch.index] = history.gather(2, columns.expand(rows, history.shape[1], keep)).to(conv_state.dtype)
         weight = mixer.conv1d.weight.squeeze(1)
         xbc = F.silu(F.conv1d(history.to(weight.dtype), weight.unsqueeze(1), mixer.conv1d.bias,
                               groups=mixer.conv_dim)).transpose(1, 2).to(x.dtype)
+        xbc = xbc * batch.valid[..., None]
+        dt = dt.masked_fill(~batch.valid[..., None], float("-inf"))  # softplus(-inf) = 0: padding is a no-op
         groups, state = mixer.n_groups, mixer.ssm_state_size
         hs, b, c = xbc.split([mixer.intermediate_size, groups * state, groups * state], dim=-1)
         ssm_state = self.pool.ssm[layer]
         y, final = mamba2_chunk_scan(
-            hs.reshape(1, n, mixer.num_heads, mixer.head_dim), dt, -torch.exp(mixer.A_log.float()),
-            b.reshape(1, n, groups, state), c.reshape(1, n, groups, state), chunk_size=mixer.chunk_size,
-            D=mixer.D, dt_bias=mixer.dt_bias, initial_states=ssm_state[slot][None] if start else None,
-            dt_softplus=True, dt_limit=self.time_step_limit, return_final_states=True)
-        ssm_state[slot] = final[0].to(ssm_state.dtype)
-        y = mixer.norm(y.reshape(1, n, -1), gate)
+            hs.reshape(rows, width, mixer.num_heads, mixer.head_dim), dt, -torch.exp(mixer.A_log.float()),
+            b.reshape(rows, width, groups, state), c.reshape(rows, width, groups, state), chunk_size=mixer.chunk_size,
+            D=mixer.D, dt_bias=mixer.dt_bias, initial_states=ssm_state[batch.index], dt_softplus=True,
+            dt_limit=self.time_step_limit, return_final_states=True)
+        ssm_state[batch.index] = final.to(ssm_state.dtype)
+        y = mixer.norm(y.reshape(rows, width, -1), gate)
         return mixer.out_proj(y.to(x.dtype))
 
     def _mamba_step(self, mixer, layer: int, index: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -140,16 +177,25 @@ class SlotForward:
         rows, _, n, _ = out.shape
         return attn.o_proj(out.transpose(1, 2).reshape(rows, n, -1))
 
-    def _attention_chunk(self, attn, layer: int, slot: int, x: torch.Tensor, start: int) -> torch.Tensor:
-        n = x.shape[1]
+    def _attention_chunk(self, attn, layer: int, batch: _Chunks, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[1]
         q, k, v = self._qkv(attn, x)
-        end = start + n
-        self.pool.keys[layer][slot, :, start:end] = k[0]
-        self.pool.values[layer][slot, :, start:end] = v[0]
-        positions = torch.arange(end, device=x.device)
-        mask = positions[None, :] <= positions[start:, None]  # causal, offset by what the slot already holds
-        return self._attend(attn, q, self.pool.keys[layer][slot:slot + 1, :, :end],
-                            self.pool.values[layer][slot:slot + 1, :, :end], mask)
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        for row, (slot, start, n) in enumerate(zip(batch.slots, batch.starts, batch.sizes)):
+            keys[slot, :, start:start + n] = k[row, :, :n]
+            values[slot, :, start:start + n] = v[row, :, :n]
+        ends = batch.start_tensor + batch.lengths
+        span = max(start + n for start, n in zip(batch.starts, batch.sizes))
+        if len(batch.slots) == 1:  # a view of the slot, no gather
+            one = slice(batch.slots[0], batch.slots[0] + 1)
+            keys, values = keys[one, :, :span], values[one, :, :span]
+        else:
+            keys, values = keys[batch.index, :, :span], values[batch.index, :, :span]
+        key_pos = torch.arange(span, device=x.device)[None, None, :]
+        query_pos = (batch.start_tensor[:, None] + torch.arange(width, device=x.device)[None, :])[:, :, None]
+        # Causal within each sequence, and never past its own end (padding queries see real keys only).
+        mask = (key_pos <= query_pos) & (key_pos < ends[:, None, None])
+        return self._attend(attn, q, keys, values, mask[:, None])
 
     def _attention_step(self, attn, layer: int, index: torch.Tensor | None, positions: torch.Tensor, length: int,
                         x: torch.Tensor) -> torch.Tensor:

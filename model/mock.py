@@ -76,11 +76,10 @@ class MockRunner:
     def encode_images(self, prompts: list[Prompt]) -> None:
         pass
 
-    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        if not chunk.completes:
-            return None
-        self._words[chunk.slot] = chunk.prompt.payload
-        return self._logits([(chunk.slot, EOS)])
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        for chunk in chunks:
+            self._words[chunk.slot] = chunk.prompt.payload
+        return self._logits([(chunk.slot, EOS) for chunk in chunks])  # after the prompt comes word 1
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         if self.step_delay:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from engine.request import EngineRequest, ImagePart
 
-DEFAULT_SYSTEM_PROMPT = "/no_think"  # what nv-ingest sends; the template then closes the think block
+THINK, NO_THINK = "/think", "/no_think"  # the checkpoint's reasoning switches, read from the system prompt
+DEFAULT_SYSTEM_PROMPT = NO_THINK  # what nv-ingest sends; the template then closes the think block
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,30 @@ class Prompt:
     reasoning: bool  # the prompt leaves a think block open for the model
 
 
+def system_text(system: str | None, enable_thinking: bool | None) -> str:
+    """The system prompt the template sees.
+
+    Without `enable_thinking` the request's own system text passes through (none: `/no_think`).
+    With it, every `/think` and `/no_think` in that text is replaced by the one switch it asks for,
+    on the first line, and the rest of the text is kept.
+    """
+    if enable_thinking is None:
+        return DEFAULT_SYSTEM_PROMPT if system is None else system
+    rest = system or ""
+    while True:  # until stable: removing one switch must not leave another behind ("/no_/thinkthink")
+        stripped = rest.replace(NO_THINK, "").replace(THINK, "")
+        if stripped == rest:
+            break
+        rest = stripped
+    rest = rest.strip()
+    switch = THINK if enable_thinking else NO_THINK
+    return f"{switch}\n{rest}" if rest else switch
+
+
 def chat_messages(request: EngineRequest) -> list[dict]:
     """Our typed messages -> chat-template messages with string contents."""
-    system = request.system_prompt
-    messages: list[dict] = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT if system is None else system}]
+    system = system_text(request.system_prompt, request.enable_thinking)
+    messages: list[dict] = [{"role": "system", "content": system}]
     for message in request.messages:
         if message.role == "system":
             continue
@@ -43,7 +64,11 @@ def chat_messages(request: EngineRequest) -> list[dict]:
 
 
 def render(tokenizer, request: EngineRequest) -> str:
-    return tokenizer.apply_chat_template(chat_messages(request), tokenize=False, add_generation_prompt=True)
+    # Templates that read `enable_thinking` themselves (as vLLM's chat_template_kwargs passes it) get it
+    # too; the system prompt above already carries the switch for templates that do not.
+    extra = {} if request.enable_thinking is None else {"enable_thinking": request.enable_thinking}
+    return tokenizer.apply_chat_template(chat_messages(request), tokenize=False, add_generation_prompt=True,
+                                         **extra)
 
 
 def expand_image_tokens(ids: list[int], tiles_per_image: list[int], image: ImageTokens) -> list[int]:

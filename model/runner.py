@@ -141,11 +141,12 @@ class NemotronRunner:
         mean, std = self._norm
         return self.model.encode_tiles((pixels - mean) / std)
 
-    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        payload = chunk.prompt.payload
-        logits = self.forward.prefill(chunk.slot, payload.embeds[chunk.start:chunk.end], chunk.start, chunk.completes)
-        if chunk.completes:
-            payload.embeds = None
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        logits = self.forward.prefill([c.slot for c in chunks],
+                                      [c.prompt.payload.embeds[c.start:c.end] for c in chunks], [c.start for c in chunks])
+        for chunk in chunks:
+            if chunk.completes:
+                chunk.prompt.payload.embeds = None
         return logits
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:

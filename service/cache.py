@@ -53,6 +53,8 @@ def job_digest(job: EngineRequest, include_sampling: bool) -> str:
                 field(b"T", part.text.encode("utf-8"))
             elif isinstance(part, ImagePart):
                 field(b"I", part.image.digest.encode())
+    if job.enable_thinking is not None:  # left out when unset, so older keys stay as they were
+        field(b"K", str(job.enable_thinking).encode())
     p = job.params
     field(b"N", str(p.max_tokens).encode())
     field(b"S", "\x00".join(sorted(set(p.stop))).encode("utf-8"))  # matching ignores order and repeats

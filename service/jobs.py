@@ -52,6 +52,7 @@ def to_input(image: Image.Image, max_num_tiles: int) -> ImageInput:
 
 
 def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str = "") -> EngineRequest:
+    max_num_tiles = _max_num_tiles(request, limits)
     messages: list[Message] = []
     n_images = 0
     for i, msg in enumerate(request.messages):
@@ -75,7 +76,7 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                 except ImageError as exc:
                     raise APIError(400, f"messages[{i}].content[{j}]: {exc}",
                                    param=f"messages.{i}.content.{j}.image_url", code="invalid_image") from None
-                parts.append(ImagePart(to_input(image, limits.max_num_tiles)))
+                parts.append(ImagePart(to_input(image, max_num_tiles)))
             else:
                 parts.append(TextPart(part.text))
         messages.append(Message(role=role, content=parts))
@@ -92,7 +93,21 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                        code="prompt_too_long")
     if not any(m.role == "user" for m in messages):
         raise APIError(400, "messages must contain at least one user message", param="messages")
-    return EngineRequest(request_id, messages, _sampling(request, limits), priority=request.priority)
+    return EngineRequest(request_id, messages, _sampling(request, limits), priority=request.priority,
+                         enable_thinking=request.enable_thinking)
+
+
+def _max_num_tiles(request: ChatCompletionRequest, limits: JobLimits) -> int:
+    """`mm_processor_kwargs.max_num_tiles` (1..MAX_NUM_TILES; the schema checked the type and >= 1),
+    else the server's MAX_NUM_TILES."""
+    asked = request.max_num_tiles
+    if asked is None:
+        return limits.max_num_tiles
+    if not 1 <= asked <= limits.max_num_tiles:
+        raise APIError(400, f"mm_processor_kwargs.max_num_tiles is {asked}; it must be an integer from 1 to "
+                            f"this server's MAX_NUM_TILES ({limits.max_num_tiles})",
+                       param="mm_processor_kwargs.max_num_tiles", code="invalid_max_num_tiles")
+    return asked
 
 
 def _sampling(request: ChatCompletionRequest, limits: JobLimits) -> SamplingParams:

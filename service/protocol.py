@@ -1,8 +1,10 @@
 """OpenAI chat-completions types, declared once.
 
 The request model accepts exactly what nv-ingest and the `openai` client send; fields we do not
-act on (`frequency_penalty`, `user`, ...) are ignored rather than refused, as OpenAI-compatible
-servers do.
+act on (`frequency_penalty`, `user`, `media_options`, whatever a client's `extra_body` adds, ...)
+are ignored rather than refused, as OpenAI-compatible servers do. Of vLLM's per-request extensions,
+`chat_template_kwargs.enable_thinking` and `mm_processor_kwargs.max_num_tiles` are honoured; their
+other keys are ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 
 class TextContent(BaseModel):
@@ -46,6 +48,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ChatTemplateKwargs(BaseModel):
+    """vLLM's `chat_template_kwargs`: only `enable_thinking` is read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # Strict: "false" or 0 is refused (422) rather than read as a boolean.
+    enable_thinking: Optional[StrictBool] = None
+
+
+class MMProcessorKwargs(BaseModel):
+    """vLLM's `mm_processor_kwargs`: only `max_num_tiles` is read (its upper bound, the server's
+    MAX_NUM_TILES, is checked in service/jobs.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    max_num_tiles: Optional[StrictInt] = Field(None, ge=1)
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -65,6 +85,9 @@ class ChatCompletionRequest(BaseModel):
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # Sent by nv-ingest's newer caption client: the reasoning switch and a per-request tile budget.
+    chat_template_kwargs: Optional[ChatTemplateKwargs] = None
+    mm_processor_kwargs: Optional[MMProcessorKwargs] = None
 
     @field_validator("stop")
     @classmethod
@@ -78,6 +101,14 @@ class ChatCompletionRequest(BaseModel):
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def enable_thinking(self) -> Optional[bool]:
+        return self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs else None
+
+    @property
+    def max_num_tiles(self) -> Optional[int]:
+        return self.mm_processor_kwargs.max_num_tiles if self.mm_processor_kwargs else None
 
 
 class Usage(BaseModel):

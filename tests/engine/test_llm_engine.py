@@ -112,10 +112,11 @@ class FlakyRunner(MockRunner):
         self.fail_decode_at = fail_decode_at
         self.decodes = 0
 
-    def prefill(self, chunk):
-        if chunk.prompt.length in self.fail_prefill:
-            raise self.fail_prefill[chunk.prompt.length]
-        return super().prefill(chunk)
+    def prefill(self, chunks):
+        for chunk in chunks:
+            if chunk.prompt.length in self.fail_prefill:
+                raise self.fail_prefill[chunk.prompt.length]
+        return super().prefill(chunks)
 
     def decode(self, slots, tokens):
         self.decodes += 1

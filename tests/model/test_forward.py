@@ -49,16 +49,36 @@ def slow_heads(model):
 
 def test_prefill_matches_transformers(model):
     x = embeds(model, 0)
-    ours = forward_for(model).prefill(0, x, 0, True)[0]
+    ours = forward_for(model).prefill([0], [x], [0])[0]
     torch.testing.assert_close(ours, native_last_logits(model, x), rtol=1e-4, atol=1e-4)
 
 
 def test_chunked_prefill_equals_one_prefill(model):
     x, fwd = embeds(model, 1), forward_for(model)
-    whole = fwd.prefill(0, x, 0, True)
+    whole = fwd.prefill([0], [x], [0])
     for start in range(0, TOKENS, 7):  # chunks cut across the Mamba chunk size (16) and the conv width
-        chunked = fwd.prefill(1, x[start:start + 7], start, start + 7 >= TOKENS)
+        chunked = fwd.prefill([1], [x[start:start + 7]], [start])
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_of_several_sequences_in_one_pass_equal_each_alone(model):
+    """Right padding never reaches a sequence: batched chunks of unequal lengths, one of them
+    continuing an earlier chunk, give each sequence what it gets alone (logits and every state)."""
+    prompts = [embeds(model, 20 + i, n) for i, n in enumerate((33, 5, 20))]
+    alone, together = forward_for(model), forward_for(model)
+    alone.prefill([2], [prompts[2][:9]], [0])
+    together.prefill([2], [prompts[2][:9]], [0])
+    expected = torch.cat([alone.prefill([0], [prompts[0]], [0]), alone.prefill([1], [prompts[1]], [0]),
+                          alone.prefill([2], [prompts[2][9:]], [9])])
+    got = together.prefill([0, 1, 2], [prompts[0], prompts[1], prompts[2][9:]], [0, 0, 9])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for pool_alone, pool_together in ((alone.pool.conv, together.pool.conv), (alone.pool.ssm, together.pool.ssm)):
+        for layer in pool_alone:
+            torch.testing.assert_close(pool_together[layer][:3], pool_alone[layer][:3], rtol=1e-4, atol=1e-5)
+    assert together.pool.lengths[:3] == alone.pool.lengths[:3] == [33, 5, 20]
+    # ...and the next decoding step agrees too.
+    torch.testing.assert_close(together.decode([0, 1, 2], [40, 41, 42]), alone.decode([0, 1, 2], [40, 41, 42]),
+                               rtol=1e-4, atol=1e-4)
 
 
 def first_mamba_layer(model) -> int:
@@ -71,8 +91,8 @@ def test_prefill_then_decode_equals_longer_prefill_with_slow_heads(model, slow_h
     ids = torch.randint(20, 600, (TOKENS + 1,), generator=torch.Generator().manual_seed(2))
     x, layer = model.embed_tokens(ids), first_mamba_layer(model)
     fwd = forward_for(model)
-    longer = fwd.prefill(0, x, 0, True)
-    fwd.prefill(1, x[:TOKENS], 0, False)
+    longer = fwd.prefill([0], [x], [0])
+    fwd.prefill([1], [x[:TOKENS]], [0])
     stepped = fwd.decode([1], [int(ids[TOKENS])])
     torch.testing.assert_close(fwd.pool.ssm[layer][1], fwd.pool.ssm[layer][0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stepped, longer, rtol=1e-4, atol=1e-4)
@@ -85,7 +105,7 @@ def test_transformers_native_mixer_makes_the_prompt_state_too_large(model, slow_
         cache = model.language_model(inputs_embeds=x[None], use_cache=True).cache
     native = cache.get_recurrent_state(layer, state_idx=0)[0]
     fwd = forward_for(model)
-    fwd.prefill(0, x, 0, False)
+    fwd.prefill([0], [x], [0])
     ours = fwd.pool.ssm[layer][0]
     assert native.norm() > 3 * ours.norm()
 
@@ -94,15 +114,13 @@ def test_decode_in_any_slots_equals_decode_in_rows(model):
     """Slots 0..n-1 (views of the pool) and scattered slots (gathered) give the same step."""
     fwd = forward_for(model, slots=6)
     prompts = [embeds(model, 10 + i, n) for i, n in enumerate((9, 23, 16))]
-    for slot, x in zip((0, 1, 2), prompts):
-        fwd.prefill(slot, x, 0, False)
-    for slot, x in zip((5, 3, 4), prompts):
-        fwd.prefill(slot, x, 0, False)
+    fwd.prefill([0, 1, 2], prompts, [0, 0, 0])
+    fwd.prefill([5, 3, 4], prompts, [0, 0, 0])
     tokens = [31, 32, 33]
     rows = fwd.decode([0, 1, 2], tokens)
     scattered = fwd.decode([5, 3, 4], tokens)
     torch.testing.assert_close(scattered, rows, rtol=1e-5, atol=1e-5)
     # ...and the same as each sequence decoded alone.
-    alone = torch.cat([forward_for(model).prefill(0, torch.cat([x, model.embed_tokens(torch.tensor([t]))]), 0, True)
+    alone = torch.cat([forward_for(model).prefill([0], [torch.cat([x, model.embed_tokens(torch.tensor([t]))])], [0])
                        for x, t in zip(prompts, tokens)])
     torch.testing.assert_close(rows, alone, rtol=1e-4, atol=1e-4)

@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 
 from model.detokenize import IncrementalDecoder, ReasoningSplitter
-from model.prompt import build_prompt, chat_messages, render
+from model.prompt import build_prompt, chat_messages, render, system_text
 from model.tiling import num_tiles
 from engine.request import EngineRequest, ImagePart, Message, SamplingParams, TextPart
 from service.jobs import to_input
-from tests.model.tiny_helpers import make_job, noise_image
+from tests.model.tiny_helpers import make_job, noise_image, run
 
 
 def test_template_renders_the_official_form(engine):
@@ -24,6 +24,92 @@ def test_missing_system_prompt_defaults_to_no_think_and_think_opens_reasoning(en
     think = build_prompt(engine.runner.tokenizer, make_job([], "hi", system="/think"), [], engine.runner.image_tokens)
     assert not no_think.reasoning and think.reasoning
     assert think.text.endswith("<SPECIAL_11>Assistant\n")
+
+
+CAPTION = "Caption the content of this image:"
+PAGE_TEXT = ("Figure 3: revenue by quarter. \u00a7 2.1 notes, in EUR \u20ac. " * 80)[:4096]
+
+
+def thinking_job(system, enable_thinking, text="Caption:", images=(), **params):
+    job = make_job(list(images), text, system=system, **params)
+    job.enable_thinking = enable_thinking
+    return job
+
+
+@pytest.mark.parametrize("system, enable_thinking, expected", [
+    (None, None, "/no_think"),
+    ("/think", None, "/think"),
+    ("Be brief.", None, "Be brief."),
+    (None, True, "/think"),
+    (None, False, "/no_think"),
+    ("/think", False, "/no_think"),
+    ("/no_think", True, "/think"),
+    ("/no_think", False, "/no_think"),
+    ("You caption images for a search index. /think", False, "/no_think\nYou caption images for a search index."),
+    ("/no_think\nBe brief.\n/think", True, "/think\nBe brief."),
+    ("/no_/thinkthink", True, "/think"),  # removing one switch must not leave another
+])
+def test_enable_thinking_decides_the_system_switch_and_keeps_the_rest(system, enable_thinking, expected):
+    assert system_text(system, enable_thinking) == expected
+    assert chat_messages(thinking_job(system, enable_thinking))[0] == {"role": "system", "content": expected}
+
+
+@pytest.mark.parametrize("system", [None, "/think", "/no_think", "Be brief. /think"])
+def test_enable_thinking_wins_over_the_system_prompt_in_the_rendered_prompt(engine, system):
+    tok, image_tokens = engine.runner.tokenizer, engine.runner.image_tokens
+    off = build_prompt(tok, thinking_job(system, False), [], image_tokens)
+    on = build_prompt(tok, thinking_job(system, True), [], image_tokens)
+    assert not off.reasoning and off.text.endswith("<SPECIAL_11>Assistant\n<think></think>")
+    assert on.reasoning and on.text.endswith("<SPECIAL_11>Assistant\n")
+    off_system, on_system = (p.text.split("<SPECIAL_11>")[0] for p in (off, on))
+    assert off_system.startswith("<s><SPECIAL_10>System\n/no_think") and "/think" not in off_system
+    assert on_system.startswith("<s><SPECIAL_10>System\n/think") and "/no_think" not in on_system
+
+
+def test_enable_thinking_false_with_think_system_prompt_gives_no_reasoning(engine, monkeypatch):
+    """Even when the model writes think tags, enable_thinking=false puts everything in content."""
+    from tests.model.test_engine import Script
+
+    tok = engine.runner.tokenizer
+    start, end = engine.runner.think_ids
+    ids = ([start] + tok.encode("Dark pixels.", add_special_tokens=False)
+           + [end] + tok.encode("A dark photo.", add_special_tokens=False) + [12])
+    image = [noise_image(64, 64, 0)]
+    jobs = [thinking_job("/think", False, images=image, max_tokens=40),
+            thinking_job("/think", None, images=image, max_tokens=40),
+            thinking_job("/no_think", True, images=image, max_tokens=40)]
+    Script(engine, monkeypatch, {job.request_id: ids for job in jobs})
+    off, think, on = run(engine, jobs)
+    assert (off[0], off[1]) == ("Dark pixels.A dark photo.", "")
+    assert (think[0], think[1]) == ("A dark photo.", "Dark pixels.")
+    assert (on[0], on[1]) == ("A dark photo.", "Dark pixels.")
+
+
+@pytest.mark.parametrize("system", ["/no_think", None])
+def test_context_text_prompt_renders_with_and_without_system_message(engine, system):
+    """nv-ingest's context_text_max_chars prompt: page text framed above the instruction."""
+    tok = engine.runner.tokenizer
+    text = f"Text near this image:\n---\n{PAGE_TEXT}\n---\n\n{CAPTION}"
+    image = noise_image(640, 480, 2)
+    job = make_job([image], text, system=system)
+    rendered = render(tok, job)
+    assert rendered == ("<s><SPECIAL_10>System\n/no_think\n<SPECIAL_11>User\n<image>\nText near this image:\n---\n"
+                        + PAGE_TEXT + "\n---\n\nCaption the content of this image:\n<SPECIAL_11>Assistant\n<think></think>")
+    prompt = build_prompt(tok, job, [13], engine.runner.image_tokens)
+    assert not prompt.reasoning
+    assert prompt.input_ids.count(engine.runner.image_tokens.context_id) == 13 * 256
+    (content, reasoning, last, _), = run(engine, [make_job([image], text, system=system, max_tokens=3)])
+    assert last.prompt_tokens == len(prompt.input_ids) and reasoning == ""
+
+
+@pytest.mark.parametrize("budget, tiles", [(12, 13), (6, 7), (4, 1), (1, 1)])
+def test_tile_budget_sets_image_tokens(engine, budget, tiles):
+    """A per-request max_num_tiles (mm_processor_kwargs) reaches the prompt as 256 tokens per tile."""
+    image = to_input(noise_image(640, 480, 4), budget)
+    assert image.num_tiles == tiles == num_tiles(640, 480, budget)
+    job = EngineRequest("r", [Message("user", [ImagePart(image), TextPart(CAPTION)])], SamplingParams(max_tokens=2))
+    prompt = build_prompt(engine.runner.tokenizer, job, [image.num_tiles], engine.runner.image_tokens)
+    assert prompt.input_ids.count(engine.runner.image_tokens.context_id) == 256 * tiles
 
 
 @pytest.mark.parametrize("sizes", [[(640, 480)], [(1920, 1080), (50, 50)], [(481, 202), (2775, 4190), (64, 64), (1024, 1024)]])
