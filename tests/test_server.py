@@ -28,7 +28,7 @@ def test_settings_defaults_and_environment(monkeypatch):
     for name in ("NGC_API_KEY", "NVIDIA_API_KEY", "PORT", "MAX_BATCH_SIZE"):
         monkeypatch.delenv(name, raising=False)
     defaults = Settings()
-    assert (defaults.host, defaults.port, defaults.max_batch_size) == ("0.0.0.0", 8000, 8)
+    assert (defaults.host, defaults.port, defaults.max_batch_size) == ("0.0.0.0", 8000, 64)
     assert defaults.nim_served_model_name == "nvidia/nemotron-nano-12b-v2-vl"
     assert defaults.api_keys() == []
     monkeypatch.setenv("NVIDIA_API_KEY", "nv")

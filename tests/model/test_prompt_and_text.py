@@ -94,7 +94,8 @@ def test_context_text_prompt_renders_with_and_without_system_message(engine, sys
     job = make_job([image], text, system=system)
     rendered = render(tok, job)
     assert rendered == ("<s><SPECIAL_10>System\n/no_think\n<SPECIAL_11>User\n<image>\nText near this image:\n---\n"
-                        + PAGE_TEXT + "\n---\n\nCaption the content of this image:\n<SPECIAL_11>Assistant\n<think></think>")
+                        + PAGE_TEXT
+                        + "\n---\n\nCaption the content of this image:\n<SPECIAL_11>Assistant\n<think></think>")
     prompt = build_prompt(tok, job, [13], engine.runner.image_tokens)
     assert not prompt.reasoning
     assert prompt.input_ids.count(engine.runner.image_tokens.context_id) == 13 * 256

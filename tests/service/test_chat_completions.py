@@ -33,7 +33,7 @@ def test_nv_ingest_request_verbatim(mock_service, auth_headers):
     assert choice["message"]["content"] == mock_caption_for(decode_data_url(URL_RED, 10**8))
     assert choice["finish_reason"] == "stop"
     usage = body["usage"]
-    assert usage["completion_tokens"] == len(choice["message"]["content"].split())
+    assert usage["completion_tokens"] == len(choice["message"]["content"].split()) + 1  # words, then the end token
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -79,7 +79,7 @@ def test_streaming_sse_ends_with_done(mock_service, auth_headers):
     assert text == mock_caption_for(decode_data_url(URL_RED, 10**8))
     finishes = [c["choices"][0].get("finish_reason") for c in chunks if c["choices"]]
     assert finishes[-1] == "stop" and finishes.count("stop") == 1
-    assert chunks[-1]["usage"]["completion_tokens"] == len(text.split())
+    assert chunks[-1]["usage"]["completion_tokens"] == len(text.split()) + 1
 
 
 def test_openai_client_non_streaming_and_streaming(mock_service):

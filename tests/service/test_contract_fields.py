@@ -194,7 +194,8 @@ def test_real_engine_enable_thinking_wins_over_the_system_prompt(tiny_service):
     assert on["content"] == "" and on["reasoning_content"]
     plain = answer("/no_think", None)
     assert plain["content"] and plain.get("reasoning_content") is None
-    assert off["content"] == plain["content"]  # the same prompt: enable_thinking=false replaces /think
+    # The same prompts: enable_thinking=false turns the system prompt into /no_think, true into /think.
+    assert off == plain and on == think
 
 
 def test_real_engine_max_num_tiles_sets_prompt_tokens(tiny_service):

@@ -65,10 +65,11 @@ def test_other_routes_need_the_key(mock_service, route):
 def test_models_metadata_version_bodies(mock_service):
     models = requests.get(f"{mock_service.url}/v1/models", headers=KEY, timeout=10).json()
     assert models["object"] == "list"
-    assert models["data"][0]["id"] == MODEL_NAME and models["data"][0]["max_model_len"] == 131072
+    assert models["data"][0]["id"] == MODEL_NAME and models["data"][0]["max_model_len"] == 16384
     meta = requests.get(f"{mock_service.url}/v1/metadata", headers=KEY, timeout=10).json()
     assert meta["modelInfo"][0]["shortName"] == MODEL_NAME
     assert meta["max_batch_size"] == 4 and meta["max_num_tiles"] == 12 and meta["mock"] is True
+    assert meta["max_running_sequences"] == 4 and meta["max_prefill_tokens"] == 2048
     version = requests.get(f"{mock_service.url}/v1/version", headers=KEY, timeout=10).json()
     assert version["release"] and version["api"]
 
@@ -122,6 +123,6 @@ def test_json_log_lines_parse_and_cors_when_configured(tmp_path):
     access = [e for e in ours if e.get("request_id") == "json-7"]
     assert len(access) == 1
     entry = access[0]
-    assert entry["status"] == 200 and entry["latency_ms"] > 0 and entry["batch_size"] == 1
+    assert entry["status"] == 200 and entry["latency_ms"] > 0 and entry["finish_reason"] in ("stop", "length")
     assert entry["prompt_tokens"] > 0 and entry["completion_tokens"] > 0
     assert "iVBORw0KGgo" not in service.log_path.read_text()  # image payloads are never logged
