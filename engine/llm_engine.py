@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import EngineError, EngineRequest, RequestOutput
-from engine.runner import ModelRunner, PrefillChunk, PromptTooLong
+from engine.runner import ModelRunner, PrefillChunk, PromptRefused, PromptTooLong
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -59,19 +59,24 @@ class LLMEngine:
     def add_request(self, request: EngineRequest) -> None:
         try:
             prompt = self.runner.prepare(request)
-        except PromptTooLong as exc:
-            self._refuse(request, str(exc))
+        except PromptRefused as exc:
+            self._refuse(request, str(exc), exc.code)
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+            log.exception("preparing request %s failed", request.request_id)
+            self._outputs.append(RequestOutput(request.request_id, error=_error_for(exc)))
             return
         params = request.params.with_defaults(*self.runner.sampling_defaults)
         if prompt.length + params.max_tokens > self.runner.max_seq_len:
             self._refuse(request, f"this request needs {prompt.length} prompt tokens plus max_tokens="
                                   f"{params.max_tokens}, over the {self.runner.max_seq_len} tokens one sequence may "
-                                  "hold here (MAX_MODEL_LEN): send fewer or smaller images, or a smaller max_tokens")
+                                  "hold here (MAX_MODEL_LEN): send fewer or smaller images, or a smaller max_tokens",
+                         PromptTooLong.code)
             return
         self.scheduler.add(Sequence(request, params, prompt, next(self._arrivals)))
 
-    def _refuse(self, request: EngineRequest, message: str) -> None:
-        self._outputs.append(RequestOutput(request.request_id, error=EngineError(400, message, "request_too_large")))
+    def _refuse(self, request: EngineRequest, message: str, code: str) -> None:
+        self._outputs.append(RequestOutput(request.request_id, error=EngineError(400, message, code)))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; True when it was still here. It gets no further output."""

@@ -14,8 +14,22 @@ import torch
 from engine.request import EngineRequest
 
 
-class PromptTooLong(ValueError):
+class PromptRefused(ValueError):
+    """The request cannot run, whatever the load: it gets 400 with this message and code."""
+
+    code = "invalid_prompt"
+
+
+class PromptTooLong(PromptRefused):
     """The request can never fit in one slot."""
+
+    code = "request_too_large"
+
+
+class SpecialTokenInText(PromptRefused):
+    """Client text would forge one of the model's special tokens (an image placeholder, a turn marker)."""
+
+    code = "special_token_in_text"
 
 
 class TextStream(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.request import EngineRequest, ImageInput
-from engine.runner import PrefillChunk, Prompt, PromptTooLong
+from engine.runner import PrefillChunk, Prompt, PromptTooLong, SpecialTokenInText
 from model.architecture import NemotronNanoVLV2
 from model.detokenize import TokenText
 from model.forward import SlotForward
@@ -90,6 +91,9 @@ class NemotronRunner:
         self.eos_ids = eos_token_ids(model, tokenizer, model_path)
         self.think_ids = (_token_id(tokenizer, "<think>"), _token_id(tokenizer, "</think>"))
         self.sampling_defaults = sampling_defaults(model_path)
+        # Client text must never forge image placeholders or turn markers (the template is rendered as text).
+        specials = sorted(set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens), key=len, reverse=True)
+        self._special_tokens = re.compile("|".join(re.escape(t) for t in specials if t))
         mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=self.device)
         std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=self.device)
         self._norm = (mean[:, None, None], std[:, None, None])
@@ -112,6 +116,12 @@ class NemotronRunner:
     # ---- ModelRunner ---------------------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> Prompt:
+        for i, message in enumerate(request.messages):
+            found = self._special_tokens.search(message.text)
+            if found:
+                raise SpecialTokenInText(
+                    f"messages[{i}] holds the text {found.group()!r}, a special token of the model (an image "
+                    "placeholder or a turn marker): clients may not write it; remove or alter it")
         tiles = [image.num_tiles for image in request.images]
         prompt = build_prompt(self.tokenizer, request, tiles, self.image_tokens)
         if len(prompt.input_ids) >= self.max_seq_len:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from litserve.loops.base import LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
-from engine.request import RequestOutput
+from engine.request import EngineError, RequestOutput
 from service import metrics
 from service.jobs import QueuedJob
 
@@ -48,7 +48,16 @@ class EngineLoop(LitLoop):
         self._abort_abandoned(lit_api, lit_api.cancelled_jobs())
         if not engine.has_unfinished():
             return
-        for output in lit_api.encode_response(lit_api.predict()):
+        try:
+            outputs = list(lit_api.encode_response(lit_api.predict()))
+        except Exception:  # noqa: BLE001 - a bug must cost the requests in flight, not the worker
+            logger.exception("engine step failed; ending the %d requests in flight", len(self._live))
+            outputs = []
+            for request_id in list(self._live):
+                lit_api.engine.abort(request_id)
+                outputs.append(RequestOutput(request_id, error=EngineError(500, "Inference failed for this request.",
+                                                                           "internal_error")))
+        for output in outputs:
             self._send(transport, output)
         stats = engine.stats
         metrics.RUNNING.set(stats.running)
