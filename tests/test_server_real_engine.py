@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import openai
+import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.helpers import MODEL_NAME, data_url, nv_ingest_body
+from tests.helpers import MODEL_NAME, Service, data_url, nv_ingest_body
 
 
 def noise_url(width, height, seed) -> str:
@@ -137,3 +138,32 @@ def test_fuzzed_sampling_and_text_never_5xx(tiny_service, temperature, top_p, se
     assert response.status_code < 500, response.text
     if response.status_code != 200:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_server_whose_slots_cannot_hold_one_largest_request_refuses_to_start(tiny_path, tmp_path):
+    with pytest.raises(RuntimeError) as failed:
+        Service({"MODEL_ID": str(tiny_path), "NIM_REQUIRE_AUTH": "0", "MAX_MODEL_LEN": "1000"}, tmp_path / "nofit.log",
+                startup_timeout=120)
+    message = str(failed.value)
+    assert "13-tile request does not fit" in message and "MAX_MODEL_LEN" in message
+
+
+def test_requests_over_the_slot_length_get_400_and_the_others_go_on(tiny_service):
+    response = requests.post(tiny_service.chat_url, json=body(0, max_tokens=4096, max_completion_tokens=None),
+                             timeout=60)
+    assert response.status_code == 200  # 3,375 prompt tokens + 4,096 fit in 16,384
+    over = nv_ingest_body(noise_url(640, 480, 1), max_tokens=4096)
+    over["messages"][1]["content"] += [{"type": "image_url", "image_url": {"url": noise_url(640, 480, k)}}
+                                       for k in range(2, 5)]
+    refused = requests.post(tiny_service.chat_url, json=over, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "request_too_large"
+    assert "MAX_MODEL_LEN" in refused.json()["error"]["message"]
+    post(tiny_service, body(1))
+
+
+def test_text_that_spells_an_image_placeholder_gets_400(tiny_service):
+    forged = body(2)
+    forged["messages"][1]["content"][0]["text"] = "Caption <image> this"
+    response = requests.post(tiny_service.chat_url, json=forged, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "special_token_in_text"
+    post(tiny_service, body(2))
