@@ -66,16 +66,8 @@ class SlotForward:
         batch = _Chunks(slots, torch.tensor(slots, device=device), starts, torch.tensor(starts, device=device),
                         [e.shape[0] for e in embeds], lengths,
                         torch.arange(width, device=device)[None, :] < lengths[:, None])
-        for layer, block in enumerate(self.lm.model.layers):
-            residual = hidden
-            x = block.norm(hidden.to(dtype=block.norm.weight.dtype))
-            if block.block_type == MAMBA:
-                x = self._mamba_chunk(block.mixer, layer, batch, x)
-            elif block.block_type == ATTENTION:
-                x = self._attention_chunk(block.mixer, layer, batch, x)
-            else:
-                x = block.mixer(x)
-            hidden = residual + x
+        hidden = self._layers(hidden, lambda mixer, layer, x: self._mamba_chunk(mixer, layer, batch, x),
+                              lambda attn, layer, x: self._attention_chunk(attn, layer, batch, x))
         for slot, start, n in zip(slots, starts, batch.sizes):
             self.pool.lengths[slot] = start + n
         return self._logits(hidden[torch.arange(rows, device=device), lengths - 1])
@@ -101,18 +93,23 @@ class SlotForward:
 
         ids, positions: (n,); index: the rows' slots, or None for slots 0..n-1; length: attention span read.
         """
-        hidden = self.lm.model.embeddings(ids)[:, None]
+        hidden = self._layers(self.lm.model.embeddings(ids)[:, None],
+                              lambda mixer, layer, x: self._mamba_step(mixer, layer, index, x),
+                              lambda attn, layer, x: self._attention_step(attn, layer, index, positions, length, x))
+        return self._logits(hidden[:, -1])
+
+    def _layers(self, hidden: torch.Tensor, mamba, attention) -> torch.Tensor:
+        """The blocks in order (pre-norm, mixer, residual); `mamba` and `attention` run those mixers on slot state."""
         for layer, block in enumerate(self.lm.model.layers):
-            residual = hidden
             x = block.norm(hidden.to(dtype=block.norm.weight.dtype))
             if block.block_type == MAMBA:
-                x = self._mamba_step(block.mixer, layer, index, x)
+                x = mamba(block.mixer, layer, x)
             elif block.block_type == ATTENTION:
-                x = self._attention_step(block.mixer, layer, index, positions, length, x)
+                x = attention(block.mixer, layer, x)
             else:
                 x = block.mixer(x)
-            hidden = residual + x
-        return self._logits(hidden[:, -1])
+            hidden = hidden + x
+        return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.lm_head(self.lm.model.norm_f(hidden)).float()
