@@ -112,3 +112,13 @@ def test_loader_reports_foreign_and_missing_keys(tiny_path, tmp_path):
     report = load_weights(model, bad, torch.device("cpu"), torch.float32)
     assert report.missing == ["mlp1.layer_norm.weight"]
     assert report.unexpected == ["vision_model.radio_model.model.blocks.0.ls1.gamma"]
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    from model.runner import sampling_defaults
+
+    assert sampling_defaults(None) == (1.0, 1.0)
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.95, "eos_token_id": [2, 12]}')
+    assert sampling_defaults(tmp_path) == (0.6, 0.95)
+    (tmp_path / "generation_config.json").write_text('{"top_p": 0.5}')
+    assert sampling_defaults(tmp_path) == (1.0, 0.5)
