@@ -30,6 +30,18 @@ MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
+# The IANA special-purpose address registries (IPv4: RFC 6890 and updates; IPv6 likewise), written down
+# here so that what counts as public does not depend on the Python version: 3.11's `is_global` calls
+# 192.0.0.192 (a cloud metadata address) and fec0::1 public. Every block listed is refused, including
+# the few the registry marks globally reachable (anycast services an image host never is).
+_SPECIAL_V4 = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24", "192.168.0.0/16",
+    "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4"))
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+_SPECIAL_V6 = tuple(ipaddress.ip_network(n) for n in (
+    "2001::/23", "2001:db8::/32", "2002::/16", "3fff::/20", "5f00::/16", "64:ff9b:1::/48", "100::/64"))
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -67,8 +79,9 @@ def is_public_address(addr: IPAddress) -> bool:
             ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF) if addr in _NAT64 else None)
         if embedded is not None:
             return is_public_address(embedded)
-    return addr.is_global and not (addr.is_multicast or addr.is_loopback or addr.is_link_local or addr.is_private
-                                   or addr.is_reserved or addr.is_unspecified)
+        # Outside 2000::/3 nothing is public (ULA fc00::/7, site-local fec0::/10, link-local, multicast...).
+        return addr in _GLOBAL_UNICAST_V6 and not any(addr in net for net in _SPECIAL_V6)
+    return not any(addr in net for net in _SPECIAL_V4)
 
 
 def resolve(host: str, port: int) -> list[IPAddress]:

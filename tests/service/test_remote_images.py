@@ -211,8 +211,22 @@ def test_metadata_name_resolving_to_link_local_is_refused():
 
 
 def test_public_addresses_are_allowed_by_the_production_check():
-    for text in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]:
+    for text in ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8",
+                 "64:ff9b::808:808", "2a00:1450:4001:81c::200e"]:
         assert is_public_address(ipaddress.ip_address(text)), text
+
+
+@pytest.mark.parametrize("text", [
+    # IANA special-purpose blocks, whatever this Python's `ipaddress` thinks of them.
+    "192.0.0.192", "192.0.0.8", "192.0.0.9", "192.0.0.170", "::ffff:192.0.0.192", "fec0::1", "fec0::ffff",
+    "0.0.0.0", "10.1.2.3", "100.64.0.1", "127.0.0.1", "169.254.169.254", "172.31.0.1", "192.0.2.1",
+    "192.88.99.1", "192.168.1.1", "198.18.0.1", "198.51.100.7", "203.0.113.9", "224.0.0.1", "240.0.0.1",
+    "255.255.255.255", "::", "::1", "::127.0.0.1", "fc00::1", "fd12::1", "fe80::1", "ff02::1", "100::1",
+    "2001::1", "2001:db8::1", "2002:c000:0201::1", "3fff::1", "5f00::1", "64:ff9b:1::1", "64:ff9b::a00:1",
+    "::ffff:10.0.0.1", "::ffff:169.254.169.254",
+])
+def test_special_purpose_addresses_are_not_public(text):
+    assert not is_public_address(ipaddress.ip_address(text)), text
 
 
 @pytest.mark.parametrize("url, match", [
