@@ -124,6 +124,7 @@ class Settings(BaseSettings):
         return JobLimits(default_max_tokens=self.default_max_tokens, max_output_tokens=self.max_output_tokens,
                          max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
                          max_num_tiles=self.max_num_tiles, max_prompt_chars=self.max_prompt_chars,
+                         max_model_len=self.max_model_len,
                          remote_images=RemoteImagePolicy.from_settings(
                              self.allow_remote_images, self.remote_image_timeout, self.remote_image_max_bytes,
                              self.remote_image_hosts))

@@ -30,6 +30,7 @@ class JobLimits:
     max_image_pixels: int
     max_num_tiles: int
     max_prompt_chars: int
+    max_model_len: int | None = None  # prompt plus max_tokens; refused here when image tokens alone exceed it
     remote_images: RemoteImagePolicy = RemoteImagePolicy()  # off unless ALLOW_REMOTE_IMAGES=1
 
 
@@ -93,8 +94,27 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                        code="prompt_too_long")
     if not any(m.role == "user" for m in messages):
         raise APIError(400, "messages must contain at least one user message", param="messages")
-    return EngineRequest(request_id, messages, _sampling(request, limits), priority=request.priority,
-                         enable_thinking=request.enable_thinking)
+    job = EngineRequest(request_id, messages, _sampling(request, limits), priority=request.priority,
+                        enable_thinking=request.enable_thinking)
+    _check_fits(job, limits)
+    return job
+
+
+IMAGE_TOKENS_PER_TILE = 256  # 512x512 tile, 16-pixel patches, pixel shuffle 0.5
+
+
+def _check_fits(job: EngineRequest, limits: JobLimits) -> None:
+    """Refuse before queuing what can never fit: image tokens are known exactly here (text is counted
+    by the worker, which refuses the rest with the same code)."""
+    if limits.max_model_len is None:
+        return
+    image_tokens = sum(IMAGE_TOKENS_PER_TILE * image.num_tiles + 2 for image in job.images)  # + <img> </img>
+    if image_tokens + job.params.max_tokens > limits.max_model_len:
+        raise APIError(400, f"this request's images alone are {image_tokens} prompt tokens; with max_tokens="
+                            f"{job.params.max_tokens} that is over the {limits.max_model_len} tokens one request may "
+                            "hold here (MAX_MODEL_LEN): send fewer or smaller images (or a lower "
+                            "mm_processor_kwargs.max_num_tiles), or a smaller max_tokens", param="messages",
+                       code="request_too_large")
 
 
 def _max_num_tiles(request: ChatCompletionRequest, limits: JobLimits) -> int:

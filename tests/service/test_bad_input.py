@@ -177,3 +177,15 @@ def test_null_sampling_fields_mean_the_defaults(mock_service, auth_headers):
     body = nv_ingest_body(GOOD_URL, temperature=None, top_p=None, seed=None, stop=None, max_tokens=None)
     response = requests.post(mock_service.chat_url, json=body, headers=auth_headers, timeout=30)
     assert response.status_code == 200, response.text
+
+
+def test_images_that_can_never_fit_are_refused_before_queuing(mock_service, auth_headers):
+    """Four 13-tile images (13,320 image tokens) plus max_tokens 4096 exceed MAX_MODEL_LEN (16384)."""
+    body = nv_ingest_body(data_url(png_bytes(640, 480)), max_tokens=4096)
+    more = [data_url(png_bytes(640, 480, (9, 9, k))) for k in range(3)]
+    body["messages"][1]["content"] += [{"type": "image_url", "image_url": {"url": url}} for url in more]
+    response = requests.post(mock_service.chat_url, json=body, headers=auth_headers, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "request_too_large"
+    assert "13320" in response.json()["error"]["message"] and "MAX_MODEL_LEN" in response.json()["error"]["message"]
+    body["max_tokens"] = 512
+    assert requests.post(mock_service.chat_url, json=body, headers=auth_headers, timeout=30).status_code == 200
