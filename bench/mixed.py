@@ -8,8 +8,9 @@ Two measurements, both over HTTP (the driver knows nothing of the engine behind 
 1. Mixed lengths: `--requests` requests, one 512x512 image (1 tile) each, `max_tokens` drawn with a
    seeded RNG from `--max-tokens-choices` (8,32,128,256), temperature 0, sent closed loop at
    `--concurrency`. Reported: completion tokens/s (sum of `usage.completion_tokens` / wall seconds),
-   captions/s and latency p50/p95. An engine that batches whole requests holds the short ones back
-   until the longest of their batch ends; one that batches per iteration does not.
+   captions/s and latency p50/p95, overall and per max_tokens value (each request is in `samples`).
+   An engine that batches whole requests holds the short ones back until the longest of their batch
+   ends; one that batches per iteration does not.
 2. Short request under load: a `--short-tokens` (4) request alone (median of `--alone-repeats`),
    then `--long-count` (4) requests of `--long-tokens` (200) started together, and `--load-delay`
    (1.0 s) later the same short request; its latency under load over its latency alone is the ratio.
@@ -33,7 +34,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -77,6 +77,12 @@ def summarize_mixed(samples: list[Sample], errors: dict[str, int], wall_s: float
         "mean_completion_tokens": tokens / len(good) if good else 0.0,
         "latency_ms": percentiles([s.latency for s in good]),
         "max_tokens_counts": {str(c): max_tokens.count(c) for c in sorted(set(max_tokens))},
+        # Short requests held back behind long ones show here, not in the overall percentiles.
+        "latency_ms_by_max_tokens": {
+            str(c): percentiles([s.latency for s, m in zip(samples, max_tokens) if s.ok and m == c])
+            for c in sorted(set(max_tokens))},
+        "samples": [{"max_tokens": m, "ok": s.ok, "latency_ms": s.latency * 1000.0,
+                     "completion_tokens": s.completion_tokens} for s, m in zip(samples, max_tokens)],
     }
 
 
@@ -189,35 +195,47 @@ def markdown(result: dict) -> str:
 
 
 def _rows(result: dict) -> list[tuple[str, str]]:
-    m, s = result["mixed"], result["short"]
-    lat = m["latency_ms"] or {}
-
     def f(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    return [
-        ("mixed: ok / requests", f"{m['ok']} / {m['requests']}"),
-        ("mixed: completion tokens/s", f(m["completion_tokens_per_s"], ".1f")),
-        ("mixed: captions/s", f(m["captions_per_s"], ".3f")),
-        ("mixed: latency p50 ms", f(lat.get("p50"), ".0f")),
-        ("mixed: latency p95 ms", f(lat.get("p95"), ".0f")),
-        ("mixed: wall s", f(m["wall_s"], ".1f")),
-        (f"short ({s['short_max_tokens']} tok) alone, median ms", f(s["alone_median_ms"], ".0f")),
-        (f"short under load ({s['long_count']}x{s['long_max_tokens']} tok) ms", f(s["under_load_ms"], ".0f")),
-        ("short: under load / alone", f(s["ratio"], ".2f")),
-        ("long requests running when short sent / answered",
-         f"{s['long_running_at_send']} / {s['long_running_at_answer']} (of {s['long_count']})"),
-        ("load average before (1/5/15 min)", " / ".join(f"{v:.2f}" for v in result["loadavg_before"])),
-    ]
+    rows = []
+    m, s = result.get("mixed"), result.get("short")
+    if m:
+        lat = m["latency_ms"] or {}
+        rows += [
+            ("mixed: ok / requests", f"{m['ok']} / {m['requests']}"),
+            ("mixed: completion tokens/s", f(m["completion_tokens_per_s"], ".1f")),
+            ("mixed: captions/s", f(m["captions_per_s"], ".3f")),
+            ("mixed: latency p50 ms", f(lat.get("p50"), ".0f")),
+            ("mixed: latency p95 ms", f(lat.get("p95"), ".0f")),
+        ]
+        for c, by in (m.get("latency_ms_by_max_tokens") or {}).items():
+            rows.append((f"mixed: p50 / p95 ms at max_tokens {c}",
+                         f"{f(by.get('p50'), '.0f')} / {f(by.get('p95'), '.0f')}"))
+        rows.append(("mixed: wall s", f(m["wall_s"], ".1f")))
+    if s:
+        rows += [
+            ("short: its max_tokens; the load", f"{s['short_max_tokens']}; {s['long_count']} x {s['long_max_tokens']} "
+                                                f"tok, short sent {s['load_delay_s']:g} s later"),
+            ("short alone, median ms", f(s["alone_median_ms"], ".0f")),
+            ("short under load ms", f(s["under_load_ms"], ".0f")),
+            ("short: under load / alone", f(s["ratio"], ".2f")),
+            ("long requests running when short sent / answered",
+             f"{s['long_running_at_send']} / {s['long_running_at_answer']} (of {s['long_count']})"),
+            ("long requests: latency ms (mean)", f(statistics.fmean(s["long_latency_ms"]), ".0f")),
+        ]
+    rows.append(("load average before (1/5/15 min)", " / ".join(f"{v:.2f}" for v in result["loadavg_before"])))
+    return rows
 
 
 def compare_markdown(results: list[dict]) -> str:
-    """One column per run, headed by its label."""
+    """One column per run, headed by its label; a row missing from a run reads '-'."""
     head = ["metric"] + [r.get("label") or f"run {i + 1}" for i, r in enumerate(results)]
-    columns = [_rows(r) for r in results]
+    columns = [dict(_rows(r)) for r in results]
+    names = list(dict.fromkeys(name for r in results for name, _ in _rows(r)))
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(results)]
-    for k, (name, _) in enumerate(columns[0]):
-        lines.append("| " + " | ".join([name] + [col[k][1] for col in columns]) + " |")
+    for name in names:
+        lines.append("| " + " | ".join([name] + [col.get(name, "-") for col in columns]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_metadata": driver.metadata(), "config": config, "max_tokens": max_tokens,
         "mixed": mixed, "short": short,
     }
-    if mixed and short:
-        print(markdown(result))
+    print(markdown(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -38,6 +38,13 @@ def test_mixed_summary_math():
     assert out["latency_ms"]["p50"] == pytest.approx(250.0)  # of 100, 200, 300, 400 ms
     assert out["latency_ms"]["p95"] == pytest.approx(385.0)
     assert out["max_tokens_counts"] == {"8": 2, "32": 2, "256": 1}
+    by = out["latency_ms_by_max_tokens"]
+    assert by["8"]["p50"] == pytest.approx(150.0) and by["32"]["p50"] == pytest.approx(300.0)  # the failure is out
+    assert by["256"]["p50"] == pytest.approx(400.0)
+    assert [r["max_tokens"] for r in out["samples"]] == [8, 8, 32, 256, 32]
+    assert out["samples"][4] == {"max_tokens": 32, "ok": False, "latency_ms": pytest.approx(9000.0),
+                                 "completion_tokens": 999}
+    assert json.loads(json.dumps(out)) == out  # plain JSON types only
 
 
 def test_short_summary_ratio():
@@ -73,8 +80,12 @@ def test_end_to_end_against_the_mock_service(mock_service, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| metric | mock |" in table and "| mixed: ok / requests | 6 / 6 |" in table
 
-    assert mixed.main(["--compare", str(out), str(out)]) == 0
-    assert "| metric | mock | mock |" in capsys.readouterr().out
+    only_mixed = dict(data, label="no short", short=None)
+    (tmp_path / "m.json").write_text(json.dumps(only_mixed))
+    assert mixed.main(["--compare", str(out), str(tmp_path / "m.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| metric | mock | no short |" in table
+    assert "| short: under load / alone | " in table and table.count(" | - |") == 6  # the six short rows
 
 
 def test_failures_are_counted(mock_service, tmp_path):
