@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 KEYS = ["device", "commit", "decode_ms_per_token", "prefill_ms", "vit_ms_per_tile", "captions_per_s",
         "peak_memory_gb", "batch_invariance", "roofline"]
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_every_figure(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
