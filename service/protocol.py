@@ -16,6 +16,12 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 
+# Fixed bounds on the shape of a request (a caption request has two messages and two parts): a body
+# of hundreds of thousands of empty messages fits the size limit but would cost seconds to process.
+MAX_MESSAGES = 1024
+MAX_PARTS = 1024
+
+
 class TextContent(BaseModel):
     type: Literal["text"]
     text: str
@@ -41,7 +47,7 @@ ContentPart = Annotated[Union[TextContent, ImageContent], Field(discriminator="t
 class ChatMessage(BaseModel):
     # "developer" is the newer OpenAI name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart]]
+    content: Union[str, Annotated[list[ContentPart], Field(max_length=MAX_PARTS)]]
 
 
 class StreamOptions(BaseModel):
@@ -70,7 +76,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = ""
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     # Absent or null: the checkpoint's generation_config.json default, else 1.0 (as vLLM does).

@@ -189,3 +189,15 @@ def test_images_that_can_never_fit_are_refused_before_queuing(mock_service, auth
     assert "13320" in response.json()["error"]["message"] and "MAX_MODEL_LEN" in response.json()["error"]["message"]
     body["max_tokens"] = 512
     assert requests.post(mock_service.chat_url, json=body, headers=auth_headers, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("shape", ["messages", "parts"])
+def test_too_many_messages_or_parts_get_422_fast(mock_service, auth_headers, shape):
+    body = nv_ingest_body(data_url(png_bytes()))
+    if shape == "messages":
+        body["messages"] = [{"role": "user", "content": ""}] * 2000 + body["messages"]
+    else:
+        body["messages"][1]["content"] += [{"type": "text", "text": ""}] * 2000
+    response = requests.post(mock_service.chat_url, json=body, headers=auth_headers, timeout=30)
+    assert response.status_code == 422 and response.json()["error"]["param"].startswith("messages")
+    assert requests.get(f"{mock_service.url}/v1/health/live", timeout=5).status_code == 200
