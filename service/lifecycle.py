@@ -10,6 +10,7 @@ and the process exits non-zero so that Docker, Kubernetes or systemd restart it.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -53,8 +54,13 @@ def install_sigterm_drain(shared: SharedState, grace_period: float) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _api_servers() -> list[mp.Process]:
+    """LitServe's forked uvicorn processes (named LitServer-N), children of this process."""
+    return [p for p in mp.active_children() if p.name.startswith("LitServer-")]
+
+
 def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seconds: float = 2.0) -> None:
-    """Start a thread that notices a dead inference worker and takes the service down."""
+    """Start a thread that notices a dead inference worker or API server and takes the service down."""
     server._monitor_workers = False  # LitServe's monitor would shut down without answering anyone
     # LitServe keeps the port closed until a worker has loaded the model, which can take a long
     # first download; we listen at once so that liveness answers and readiness says "not yet".
@@ -62,17 +68,30 @@ def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seco
     server.verify_worker_status = lambda: None
 
     def watch():
-        while not getattr(server, "inference_workers", None):
+        api_servers: list[mp.Process] = []
+        while not getattr(server, "inference_workers", None) or not api_servers:
+            api_servers = api_servers or _api_servers()
             time.sleep(interval)
         while True:
+            if _stopping.is_set():
+                return
             dead = [p for p in server.inference_workers if not p.is_alive()]
-            if dead and not _stopping.is_set():  # during a drain too: its requests must not hang
+            if dead:  # during a drain too: its requests must not hang
                 logger.error("inference worker %s (pid %s) died with exit code %s; failing in-flight "
                              "requests and exiting with code %d", dead[0].name, dead[0].pid, dead[0].exitcode,
                              WORKER_DIED_EXIT_CODE)
                 shared.mark_worker_dead()
                 time.sleep(flush_seconds)  # the API servers answer their waiting requests with 503
                 server._shutdown_event.set()  # run() returns and LitServe stops its processes
+                return
+            gone = [p for p in api_servers if not p.is_alive()]
+            if gone and not shared.draining:  # after SIGTERM to the whole group they end on purpose
+                # Nothing answers on the port any more (liveness included): exit so that the
+                # supervisor starts a fresh service, rather than hang with the port held.
+                logger.error("API server %s (pid %s) died with exit code %s; exiting with code %d",
+                             gone[0].name, gone[0].pid, gone[0].exitcode, WORKER_DIED_EXIT_CODE)
+                shared.mark_worker_dead()
+                server._shutdown_event.set()
                 return
             time.sleep(interval)
 

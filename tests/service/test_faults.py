@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -106,6 +107,18 @@ def test_killed_worker_fails_in_flight_with_503_and_exits_non_zero(tmp_path):
     assert time.monotonic() - start < 5
     assert results[0].json()["error"]["code"] == "worker_unavailable"
     assert service.proc.wait(60) == WORKER_DIED_EXIT_CODE
+    service.stop()
+
+
+def test_a_killed_api_server_takes_the_service_down_for_its_supervisor(tmp_path):
+    """An out-of-memory kill of the uvicorn process must not leave a service that holds the port and
+    answers nothing: the main process exits non-zero, so Docker, Kubernetes or systemd restart it."""
+    service = slow_service(tmp_path, "kill-api")
+    started = re.findall(r"Started server process \[(\d+)\]", service.log())
+    assert len(started) == 1, service.log()
+    os.kill(int(started[0]), signal.SIGKILL)
+    assert service.proc.wait(30) == WORKER_DIED_EXIT_CODE
+    assert "API server" in service.log() and "died" in service.log()
     service.stop()
 
 
