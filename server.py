@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     max_output_tokens: int = Field(4096, ge=1)
     max_images_per_request: int = Field(4, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
+    max_request_pixels: int = Field(100_000_000, ge=1, description="decoded pixels of all images of one request")
     max_prompt_chars: int = Field(32_000, ge=1, description="characters of text across all messages")
     allow_remote_images: bool = False
     remote_image_timeout: float = Field(10.0, gt=0, description="seconds per remote image, redirects included")
@@ -124,7 +125,7 @@ class Settings(BaseSettings):
         return JobLimits(default_max_tokens=self.default_max_tokens, max_output_tokens=self.max_output_tokens,
                          max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
                          max_num_tiles=self.max_num_tiles, max_prompt_chars=self.max_prompt_chars,
-                         max_model_len=self.max_model_len,
+                         max_model_len=self.max_model_len, max_request_pixels=self.max_request_pixels,
                          remote_images=RemoteImagePolicy.from_settings(
                              self.allow_remote_images, self.remote_image_timeout, self.remote_image_max_bytes,
                              self.remote_image_hosts))

@@ -26,7 +26,7 @@ class ImageError(ValueError):
     """The image cannot be used; the message is safe to show to the client."""
 
 
-def decode_data_url(url: str, max_pixels: int) -> Image.Image:
+def decode_data_url(url: str, max_pixels: int, limit_name: str = "MAX_IMAGE_PIXELS") -> Image.Image:
     """Decode a PNG or JPEG data URL into an RGB image (transparency flattened onto white)."""
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0][:16] if ":" in url else ""
@@ -47,10 +47,11 @@ def decode_data_url(url: str, max_pixels: int) -> Image.Image:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError("image data is not valid base64") from None
-    return decode_image_bytes(raw, max_pixels)
+    return decode_image_bytes(raw, max_pixels, limit_name)
 
 
-def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
+def decode_image_bytes(raw: bytes, max_pixels: int, limit_name: str = "MAX_IMAGE_PIXELS") -> Image.Image:
+    """`limit_name` names the setting that set `max_pixels`, for the error message."""
     # Pillow's own bomb guard follows our limit (it warns above it and refuses at twice it);
     # the exact check on the header comes right after.
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -61,7 +62,7 @@ def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("image data is not a PNG or JPEG image") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"image is too large (limit {max_pixels} pixels)") from None
+        raise ImageError(f"image is too large (limit {max_pixels} pixels, {limit_name})") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt headers
         raise ImageError(f"image header is corrupt ({type(exc).__name__})") from None
     if image.format not in SUPPORTED_FORMATS:
@@ -70,7 +71,7 @@ def decode_image_bytes(raw: bytes, max_pixels: int) -> Image.Image:
     # Checked on the header, before any pixel is decoded: a small file can declare a huge canvas.
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                         f"{max_pixels} pixels (MAX_IMAGE_PIXELS)")
+                         f"{max_pixels} pixels ({limit_name})")
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
     try:

@@ -31,6 +31,7 @@ class JobLimits:
     max_num_tiles: int
     max_prompt_chars: int
     max_model_len: int | None = None  # prompt plus max_tokens; refused here when image tokens alone exceed it
+    max_request_pixels: int | None = None  # decoded pixels of all a request's images together
     remote_images: RemoteImagePolicy = RemoteImagePolicy()  # off unless ALLOW_REMOTE_IMAGES=1
 
 
@@ -56,6 +57,7 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
     max_num_tiles = _max_num_tiles(request, limits)
     messages: list[Message] = []
     n_images = 0
+    pixels_left = limits.max_request_pixels if limits.max_request_pixels is not None else math.inf
     for i, msg in enumerate(request.messages):
         role = "system" if msg.role == "developer" else msg.role
         if isinstance(msg.content, str):
@@ -72,11 +74,17 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                     raise APIError(400, f"too many images: at most {limits.max_images} per request "
                                         "(MAX_IMAGES_PER_REQUEST)", param=f"messages.{i}.content.{j}",
                                    code="too_many_images")
+                # Each image may use what is left of the request's pixel budget, checked on its header
+                # before it is decoded; it is tiled at once, so one full-size image is held at a time.
+                budget, name = limits.max_image_pixels, "MAX_IMAGE_PIXELS"
+                if pixels_left < budget:
+                    budget, name = max(1, pixels_left), "what is left of MAX_REQUEST_PIXELS for this image"
                 try:
-                    image = load_image(part.url, limits.max_image_pixels, limits.remote_images)
+                    image = load_image(part.url, budget, limits.remote_images, name)
                 except ImageError as exc:
                     raise APIError(400, f"messages[{i}].content[{j}]: {exc}",
                                    param=f"messages.{i}.content.{j}.image_url", code="invalid_image") from None
+                pixels_left -= image.width * image.height
                 parts.append(ImagePart(to_input(image, max_num_tiles)))
             else:
                 parts.append(TextPart(part.text))

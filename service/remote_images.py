@@ -63,13 +63,14 @@ class RemoteImagePolicy:
         return any(host == h or (h.startswith("*.") and host.endswith(h[1:])) for h in self.hosts)
 
 
-def load_image(url: str, max_pixels: int, policy: RemoteImagePolicy) -> Image.Image:
+def load_image(url: str, max_pixels: int, policy: RemoteImagePolicy,
+               limit_name: str = "MAX_IMAGE_PIXELS") -> Image.Image:
     """What `build_job` calls for every image URL: data URLs as before, http(s) per the policy."""
     if not url.startswith(("http://", "https://")):
-        return decode_data_url(url, max_pixels)
+        return decode_data_url(url, max_pixels, limit_name)
     if not policy.enabled:
         raise ImageError(REMOTE_DISABLED)
-    return decode_image_bytes(fetch_image(url, policy), max_pixels)
+    return decode_image_bytes(fetch_image(url, policy), max_pixels, limit_name)
 
 
 def is_public_address(addr: IPAddress) -> bool:

@@ -11,6 +11,9 @@ import pytest
 import requests
 from PIL import Image
 
+from service.errors import APIError
+from service.jobs import JobLimits, build_job
+from service.protocol import ChatCompletionRequest
 from tests.helpers import data_url, nv_ingest_body, png_bytes
 
 GOOD_URL = data_url(png_bytes())
@@ -201,3 +204,18 @@ def test_too_many_messages_or_parts_get_422_fast(mock_service, auth_headers, sha
     response = requests.post(mock_service.chat_url, json=body, headers=auth_headers, timeout=30)
     assert response.status_code == 422 and response.json()["error"]["param"].startswith("messages")
     assert requests.get(f"{mock_service.url}/v1/health/live", timeout=5).status_code == 200
+
+
+def test_the_request_pixel_budget_is_checked_on_headers_across_images():
+    """Three 5-megapixel images against a 12-megapixel budget: the third is refused before decoding."""
+    big = data_url(png_bytes(2500, 2000))
+    body = nv_ingest_body(big)
+    body["messages"][1]["content"] += [{"type": "image_url", "image_url": {"url": big}}] * 2
+    request = ChatCompletionRequest.model_validate(body)
+    limits = dict(default_max_tokens=64, max_output_tokens=4096, max_images=4, max_image_pixels=50_000_000,
+                  max_num_tiles=12, max_prompt_chars=32000)
+    with pytest.raises(APIError) as refused:
+        build_job(request, JobLimits(**limits, max_request_pixels=12_000_000))
+    assert refused.value.status == 400 and refused.value.param == "messages.1.content.3.image_url"
+    assert "MAX_REQUEST_PIXELS" in refused.value.message and "2000000 pixels" in refused.value.message
+    assert len(build_job(request, JobLimits(**limits, max_request_pixels=15_000_000)).images) == 3
