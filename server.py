@@ -23,6 +23,7 @@ from engine.request import EngineRequest, RequestOutput
 from service import metrics
 from service.auth import BearerAuth
 from service.body_limit import BodyLimitMiddleware
+from service.connections import uvicorn_options
 from service.errors import install_error_handlers
 from service.engine_loop import EngineLoop
 from service.jobs import JobLimits, QueuedJob
@@ -54,6 +55,8 @@ class Settings(BaseSettings):
     log_format: str = Field("text", pattern="^(text|json)$")
     max_queued_requests: int = Field(256, ge=1, description="requests admitted and not yet answered")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait and run")
+    request_read_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a whole request")
+    max_connections: int = Field(1000, ge=1, description="open connections per API server; 503 above")
     shutdown_grace_period: float = Field(120.0, ge=0, description="seconds SIGTERM waits for in-flight work")
 
     # Model
@@ -214,7 +217,8 @@ def main() -> None:
     install_sigterm_drain(shared, settings.shutdown_grace_period)
     watch_workers(server, shared)
     server.run(host=settings.host, port=settings.port, generate_client_file=False,
-               log_level=settings.log_level.lower(), access_log=False, log_config=None)
+               log_level=settings.log_level.lower(), access_log=False, log_config=None,
+               **uvicorn_options(settings.request_read_timeout, settings.max_connections))
     if shared.worker_dead:
         sys.exit(WORKER_DIED_EXIT_CODE)
 
