@@ -21,8 +21,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.openai import OpenAISpec
+from pydantic import ValidationError
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 
 from engine.request import EngineRequest, FinishReason, RequestOutput
@@ -136,7 +138,10 @@ class CaptionSpec(OpenAISpec):
         return Response(body, media_type=content_type)
 
     # Chat completions --------------------------------------------------------------------
-    async def chat_completion(self, request: ChatCompletionRequest, raw_request: Request):
+    async def chat_completion(self, raw_request: Request):
+        # Parsing and validating a body of up to MAX_REQUEST_BYTES is CPU work: off the event loop, so
+        # liveness and other requests never wait behind it.
+        request = await asyncio.to_thread(_parse_request, await raw_request.body())
         if request.model and request.model != self.info.served_model_name:
             raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
                                 f"'{self.info.served_model_name}'.", param="model", code="model_not_found")
@@ -287,6 +292,13 @@ class CaptionSpec(OpenAISpec):
             logger.exception("stream failed")
             yield f"data: {json.dumps(APIError(500, 'Internal server error.').body())}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def _parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:  # the same 400/422 answers FastAPI's own validation gives
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def _unavailable() -> APIError:
