@@ -26,7 +26,7 @@ from service.body_limit import BodyLimitMiddleware
 from service.connections import uvicorn_options
 from service.errors import install_error_handlers
 from service.engine_loop import EngineLoop
-from service.jobs import JobLimits, QueuedJob
+from service.jobs import JobLimits, PromptCheck, QueuedJob
 from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_sigterm_in_worker, install_sigterm_drain, watch_workers
 from service.observability import RequestContextMiddleware, configure_logging
 from service.remote_images import RemoteImagePolicy
@@ -145,8 +145,10 @@ class CaptionAPI(ls.LitAPI):
     def __init__(self, settings: Settings, shared: SharedState):
         info = ServiceInfo(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
                            settings.request_timeout, settings.metadata())
+        prompt_check = None if settings.enable_mock_inference else PromptCheck(
+            settings.model_id, settings.model_revision, settings.max_model_len)
         super().__init__(spec=CaptionSpec(info, settings.limits(), shared, settings.caption_cache_size,
-                                          settings.caption_cache_sampled), loop=EngineLoop())
+                                          settings.caption_cache_sampled, prompt_check), loop=EngineLoop())
         self.settings = settings
         self.shared = shared
         self.auth = BearerAuth(settings.api_keys())

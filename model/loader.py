@@ -70,8 +70,9 @@ def check_can_run(model_id: str, device: str) -> None:
         raise SystemExit(NO_GPU_MESSAGE.format(model_id=model_id))
 
 
-def resolve_model_path(model_id: str, revision: str | None = None) -> Path:
-    """A local folder is used as is; anything else is downloaded (with progress bars) from the hub."""
+def resolve_model_path(model_id: str, revision: str | None = None, local_only: bool = False) -> Path:
+    """A local folder is used as is; anything else is downloaded (with progress bars) from the hub, or
+    with `local_only` taken from the download cache alone."""
     local = Path(model_id).expanduser()
     if local.is_dir():
         return local
@@ -82,6 +83,7 @@ def resolve_model_path(model_id: str, revision: str | None = None) -> Path:
         revision=revision or None,
         token=os.environ.get("HF_TOKEN") or None,
         allow_patterns=_DOWNLOAD_PATTERNS,
+        local_files_only=local_only,
     )
     return Path(path)
 

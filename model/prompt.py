@@ -7,9 +7,11 @@ per line, as vLLM's chat code does); after tokenisation every placeholder id bec
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from engine.request import EngineRequest, ImagePart
+from engine.runner import SpecialTokenInText
 
 THINK, NO_THINK = "/think", "/no_think"  # the checkpoint's reasoning switches, read from the system prompt
 DEFAULT_SYSTEM_PROMPT = NO_THINK  # what nv-ingest sends; the template then closes the think block
@@ -49,6 +51,25 @@ def system_text(system: str | None, enable_thinking: bool | None) -> str:
     rest = rest.strip()
     switch = THINK if enable_thinking else NO_THINK
     return f"{switch}\n{rest}" if rest else switch
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of a token that is whole in the vocabulary, else None."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return int(found)
+
+
+def image_tokens_for(config, tokenizer) -> ImageTokens:
+    """The image tags of a checkpoint (`VLConfig`), checked against its tokenizer."""
+    ids = {name: token_id(tokenizer, tok) for name, tok in (
+        ("start", config.img_start_token), ("context", config.img_context_token), ("end", config.img_end_token))}
+    if None in ids.values():
+        raise ValueError(f"tokenizer lacks an image token: {ids}")
+    if config.img_context_token_id is not None and config.img_context_token_id != ids["context"]:
+        raise ValueError(f"config img_context_token_id {config.img_context_token_id} != tokenizer id {ids['context']}")
+    return ImageTokens(ids["start"], ids["context"], ids["end"], config.img_context_token, config.tokens_per_tile)
 
 
 def chat_messages(request: EngineRequest) -> list[dict]:
@@ -94,3 +115,33 @@ def build_prompt(tokenizer, request: EngineRequest, tiles_per_image: list[int], 
     # A template that closes the think block (`<think></think>` under /no_think) means no reasoning.
     reasoning = not text.rstrip().endswith("</think>")
     return Prompt(input_ids=expand_image_tokens(ids, tiles_per_image, image), text=text, reasoning=reasoning)
+
+
+class PromptBuilder:
+    """A request's exact prompt for one checkpoint: the worker uses it to run the request, the API
+    server to refuse, before queuing, what can never fit or would forge a special token."""
+
+    def __init__(self, tokenizer, image_tokens: ImageTokens):
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        # Client text must never forge image placeholders or turn markers (the template is rendered as text).
+        specials = sorted(set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens), key=len, reverse=True)
+        self._special_tokens = re.compile("|".join(re.escape(t) for t in specials if t))
+
+    def build(self, request: EngineRequest) -> Prompt:
+        for i, message in enumerate(request.messages):
+            found = self._special_tokens.search(message.text)
+            if found:
+                raise SpecialTokenInText(
+                    f"messages[{i}] holds the text {found.group()!r}, a special token of the model (an image "
+                    "placeholder or a turn marker): clients may not write it; remove or alter it")
+        return build_prompt(self.tokenizer, request, [image.num_tiles for image in request.images], self.image_tokens)
+
+
+def load_prompt_builder(model_id: str, revision: str | None = None) -> PromptBuilder:
+    """Tokenizer and image tags from an already downloaded checkpoint (no network): for the API server."""
+    from model.loader import load_tokenizer, read_config, resolve_model_path
+
+    path = resolve_model_path(model_id, revision, local_only=True)
+    tokenizer = load_tokenizer(path)
+    return PromptBuilder(tokenizer, image_tokens_for(read_config(path), tokenizer))

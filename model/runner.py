@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,23 +17,16 @@ import numpy as np
 import torch
 
 from engine.request import EngineRequest, ImageInput
-from engine.runner import PrefillChunk, Prompt, PromptTooLong, SpecialTokenInText
+from engine.runner import PrefillChunk, Prompt, PromptTooLong
 from model.architecture import NemotronNanoVLV2
 from model.detokenize import TokenText
 from model.forward import SlotForward
 from model.loader import load_model
-from model.prompt import ImageTokens, build_prompt
+from model.prompt import PromptBuilder, image_tokens_for, token_id
 from model.state_pool import PoolShape, StatePool
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
-
-
-def _token_id(tokenizer, token: str) -> int | None:
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        return None
-    return int(token_id)
 
 
 def _as_list(value) -> list[int]:
@@ -80,20 +72,11 @@ class NemotronRunner:
         self.ssm_dtype = ssm_dtype
         # CUDA graphs only on a GPU: on a CPU there are no launches to save.
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
-        ids = {name: _token_id(tokenizer, tok) for name, tok in (
-            ("start", cfg.img_start_token), ("context", cfg.img_context_token), ("end", cfg.img_end_token))}
-        if None in ids.values():
-            raise ValueError(f"tokenizer lacks an image token: {ids}")
-        if cfg.img_context_token_id is not None and cfg.img_context_token_id != ids["context"]:
-            raise ValueError(f"config img_context_token_id {cfg.img_context_token_id} != tokenizer id {ids['context']}")
-        self.image_tokens = ImageTokens(ids["start"], ids["context"], ids["end"], cfg.img_context_token,
-                                        cfg.tokens_per_tile)
+        self.image_tokens = image_tokens_for(cfg, tokenizer)
+        self.prompts = PromptBuilder(tokenizer, self.image_tokens)
         self.eos_ids = eos_token_ids(model, tokenizer, model_path)
-        self.think_ids = (_token_id(tokenizer, "<think>"), _token_id(tokenizer, "</think>"))
+        self.think_ids = (token_id(tokenizer, "<think>"), token_id(tokenizer, "</think>"))
         self.sampling_defaults = sampling_defaults(model_path)
-        # Client text must never forge image placeholders or turn markers (the template is rendered as text).
-        specials = sorted(set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens), key=len, reverse=True)
-        self._special_tokens = re.compile("|".join(re.escape(t) for t in specials if t))
         mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=self.device)
         std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=self.device)
         self._norm = (mean[:, None, None], std[:, None, None])
@@ -116,14 +99,7 @@ class NemotronRunner:
     # ---- ModelRunner ---------------------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> Prompt:
-        for i, message in enumerate(request.messages):
-            found = self._special_tokens.search(message.text)
-            if found:
-                raise SpecialTokenInText(
-                    f"messages[{i}] holds the text {found.group()!r}, a special token of the model (an image "
-                    "placeholder or a turn marker): clients may not write it; remove or alter it")
-        tiles = [image.num_tiles for image in request.images]
-        prompt = build_prompt(self.tokenizer, request, tiles, self.image_tokens)
+        prompt = self.prompts.build(request)
         if len(prompt.input_ids) >= self.max_seq_len:
             raise PromptTooLong(f"the prompt is {len(prompt.input_ids)} tokens, and one sequence holds at most "
                                 f"{self.max_seq_len} here (MAX_MODEL_LEN): send fewer or smaller images, or less text")

@@ -7,7 +7,9 @@ processes run in parallel), so only compact uint8 tiles cross to the inference w
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -15,11 +17,14 @@ import numpy as np
 from PIL import Image
 
 from engine.request import EngineRequest, ImageInput, ImagePart, Message, SamplingParams, TextPart
+from engine.runner import SpecialTokenInText
 from model.images import ImageError
 from model.tiling import tile_image
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, ImageContent
 from service.remote_images import RemoteImagePolicy, load_image
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,3 +157,44 @@ def _sampling(request: ChatCompletionRequest, limits: JobLimits) -> SamplingPara
     return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                           seed=request.seed, stop=list(request.stop or []), min_tokens=request.min_tokens,
                           ignore_eos=request.ignore_eos)
+
+
+class PromptCheck:
+    """The real model's exact prompt, measured in the API server before a request is queued: what can
+    never fit (MAX_MODEL_LEN) or would forge a special token is refused here, not in the worker.
+
+    The tokenizer is loaded on first use from the checkpoint the worker downloaded (no network). If it
+    cannot be loaded, the check steps aside and the worker refuses the same requests with the same codes.
+    """
+
+    def __init__(self, model_id: str, revision: str | None, max_model_len: int):
+        self.model_id, self.revision, self.max_model_len = model_id, revision, max_model_len
+        self._builder = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def _load(self):
+        with self._lock:
+            if self._builder is None and not self._failed:
+                from model.prompt import load_prompt_builder
+
+                try:
+                    self._builder = load_prompt_builder(self.model_id, self.revision)
+                except Exception as exc:  # noqa: BLE001 - the worker still checks every request
+                    self._failed = True
+                    logger.warning("prompt check in the API server is off (%s); the worker checks alone", exc)
+        return self._builder
+
+    def __call__(self, job: EngineRequest) -> None:
+        builder = self._load()
+        if builder is None:
+            return
+        try:
+            tokens = len(builder.build(job).input_ids)
+        except SpecialTokenInText as exc:
+            raise APIError(400, str(exc), param="messages", code=exc.code) from None
+        if tokens + job.params.max_tokens > self.max_model_len:
+            raise APIError(400, f"this request needs {tokens} prompt tokens plus max_tokens={job.params.max_tokens}, "
+                                f"over the {self.max_model_len} tokens one request may hold here (MAX_MODEL_LEN): "
+                                "send fewer or smaller images, less text, or a smaller max_tokens", param="messages",
+                           code="request_too_large")

@@ -31,7 +31,7 @@ from engine.request import EngineRequest, FinishReason, RequestOutput
 from service import metrics
 from service.cache import CaptionCache
 from service.errors import APIError, from_worker
-from service.jobs import JobLimits, QueuedJob, build_job
+from service.jobs import JobLimits, PromptCheck, QueuedJob, build_job
 from service.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -76,9 +76,10 @@ class Answer:
 
 class CaptionSpec(OpenAISpec):
     def __init__(self, info: ServiceInfo, limits: JobLimits, shared: SharedState, cache_size: int = 0,
-                 cache_sampled: bool = False):
+                 cache_sampled: bool = False, prompt_check: PromptCheck | None = None):
         super().__init__()
         self.info = info
+        self.prompt_check = prompt_check
         self.limits = limits
         self.shared = shared
         # One cache per API-server process; a disconnecting leader must not fail the requests it leads.
@@ -88,7 +89,7 @@ class CaptionSpec(OpenAISpec):
     def __getstate__(self):
         # Workers only need the spec for LitServe's bookkeeping; the shared state travels with the API.
         state = super().__getstate__()
-        state["shared"] = state["cache"] = None
+        state["shared"] = state["cache"] = state["prompt_check"] = None
         return state
 
     def pre_setup(self, lit_api) -> None:
@@ -188,6 +189,8 @@ class CaptionSpec(OpenAISpec):
 
     def _prepare(self, request: ChatCompletionRequest, request_id: str) -> tuple[EngineRequest, str | None]:
         job = build_job(request, self.limits, request_id)
+        if self.prompt_check is not None:
+            self.prompt_check(job)
         return job, self.cache.key_for(job)
 
     async def _run(self, job: QueuedJob, raw_request: Request, log_fields: dict) -> AsyncIterator[RequestOutput]:
