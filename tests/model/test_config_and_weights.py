@@ -122,3 +122,29 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     assert sampling_defaults(tmp_path) == (0.6, 0.95)
     (tmp_path / "generation_config.json").write_text('{"top_p": 0.5}')
     assert sampling_defaults(tmp_path) == (1.0, 0.5)
+
+
+def test_fused_qkv_is_split_as_timm_lays_it_out():
+    """timm's ViT (RADIO's) computes qkv(x).reshape(..., 3, heads, head_dim): output rows are all of q,
+    then all of k, then all of v. Checked on values, against that reshape, not against our own inverse."""
+    from model.weights import native_to_official, official_to_native
+
+    heads, head_dim, width = 2, 3, 5
+    fused = torch.arange(3 * heads * head_dim * width, dtype=torch.float32).reshape(3 * heads * head_dim, width)
+    bias = torch.arange(3 * heads * head_dim, dtype=torch.float32) + 1000
+    reference = fused.reshape(3, heads, head_dim, width)
+    name = "vision_model.radio_model.model.blocks.7.attn.qkv."
+    split = dict(official_to_native(name + "weight", fused) + official_to_native(name + "bias", bias))
+    for i, part in enumerate("qkv"):
+        weight = split[f"vision_model.encoder.layer.7.attention.{part}_proj.weight"]
+        assert torch.equal(weight, reference[i].reshape(heads * head_dim, width)), part
+        assert torch.equal(split[f"vision_model.encoder.layer.7.attention.{part}_proj.bias"],
+                           bias.reshape(3, heads * head_dim)[i])
+    # A token through timm's fused projection equals the three native projections, head by head.
+    x = torch.randn(width)
+    timm_q, timm_k, timm_v = (fused @ x + bias).reshape(3, heads, head_dim)
+    native = [split[f"vision_model.encoder.layer.7.attention.{p}_proj.weight"] @ x
+              + split[f"vision_model.encoder.layer.7.attention.{p}_proj.bias"] for p in "qkv"]
+    for got, want in zip(native, (timm_q, timm_k, timm_v)):
+        torch.testing.assert_close(got.reshape(heads, head_dim), want)
+    assert torch.equal(native_to_official(split)[name + "weight"], fused)

@@ -76,6 +76,24 @@ def test_burst_over_the_queue_limit_gets_only_200_and_429(tmp_path):
         service.stop()
 
 
+def test_exactly_the_limit_is_admitted_and_the_next_request_gets_429(tmp_path):
+    service = slow_service(tmp_path, "admission", MAX_QUEUED_REQUESTS=3)
+    try:
+        threads, results = in_background(service, 3)
+        wait_in_flight(service, 3)
+        over = requests.post(service.chat_url, json=BODY, timeout=10)
+        assert over.status_code == 429 and over.json()["error"]["code"] == "queue_full"
+        gauge = [line for line in requests.get(f"{service.url}/metrics", timeout=5).text.splitlines()
+                 if line.startswith("caption_requests_in_flight ")]
+        assert gauge == ["caption_requests_in_flight 3.0"]
+        for t in threads:
+            t.join(30)
+        assert [r.status_code for r in results] == [200, 200, 200]
+        assert requests.post(service.chat_url, json={**BODY, "max_tokens": 2}, timeout=10).status_code == 200
+    finally:
+        service.stop()
+
+
 def test_client_disconnect_frees_its_place(tmp_path):
     service = slow_service(tmp_path, "disconnect", MAX_QUEUED_REQUESTS=1, MAX_BATCH_SIZE=1, MOCK_TOKEN_DELAY=0.5)
     try:
