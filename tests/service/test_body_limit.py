@@ -184,3 +184,19 @@ def test_live_chunked_request_over_the_limit(live_server):
 def test_live_chunked_request_under_the_limit(live_server):
     status, body = _post_chunked(live_server, [b'{"text": "', b"a" * 500, b'"}'])
     assert (status, body) == (200, {"length": 500})
+
+
+@pytest.mark.parametrize("chunks, status", [(10, 200), (11, 413)])
+def test_a_chunked_body_of_exactly_the_limit_passes_and_one_chunk_more_does_not(calls, chunks, status):
+    # 10 chunks of 100 bytes: exactly LIMIT (1,000); 11 chunks: over it.
+    got, body, _ = _run_chunked(_echo_app(calls), "/echo", b"x" * 100, n_chunks=chunks)
+    assert got == status
+    if status == 200:
+        assert body == {"received": LIMIT}
+
+
+def test_a_chunked_body_one_byte_over_the_limit_is_refused(calls):
+    got, _, _ = _run_chunked(_echo_app(calls), "/echo", b"x" * 1001, n_chunks=1)
+    assert got == 413
+    got, body, _ = _run_chunked(_echo_app(calls), "/echo", b"x" * 1000, n_chunks=1)
+    assert got == 200 and body == {"received": LIMIT}
