@@ -2,7 +2,9 @@
 
 `MockRunner` implements the engine's `ModelRunner` interface, so mock mode runs the real scheduler,
 sampler and text handling. Its tokens are whitespace words: token id k is the k-th word of the
-request's caption and id 0 is EOS. Prompt tokens are the prompt's words plus `IMAGE_TOKENS` per tile.
+request's answer and id 0 is EOS. Prompt tokens are the prompt's words plus `IMAGE_TOKENS` per tile.
+With reasoning on (as the real template decides it: the system prompt lacks `/no_think`), the answer
+starts with a short reasoning, returned as `reasoning_content`.
 """
 
 from __future__ import annotations
@@ -40,21 +42,33 @@ def mock_caption(request: EngineRequest) -> str:
     return " ".join(describe(image) for image in images)
 
 
+def mock_reasoning(request: EngineRequest) -> str:
+    """The mock's reasoning, when the request turns reasoning on ('' otherwise)."""
+    from model.prompt import NO_THINK, chat_messages
+
+    if NO_THINK in chat_messages(request)[0]["content"]:
+        return ""
+    return f"The request holds {len(request.images)} image(s); I describe each in one sentence."
+
+
 def prompt_tokens(request: EngineRequest) -> int:
     return sum(len(m.text.split()) for m in request.messages) + IMAGE_TOKENS * request.tiles
 
 
 class WordText:
-    """The mock's text stream: token k is word k of the caption."""
+    """The mock's text stream: token k is word k of the answer; the first `reasoning` words are reasoning."""
 
-    def __init__(self, words: list[str]):
+    def __init__(self, words: list[str], reasoning: int = 0):
         self.words = words
-        self.emitted = 0
+        self.reasoning = reasoning
+        self.started: set[str] = set()
 
     def push(self, token_id: int) -> list[tuple[str, str]]:
-        word = self.words[(token_id - 1) % len(self.words)]
-        self.emitted += 1
-        return [("content", word if self.emitted == 1 else " " + word)]
+        index = (token_id - 1) % len(self.words)
+        stream = "reasoning" if index < self.reasoning else "content"
+        word = " " + self.words[index] if stream in self.started else self.words[index]
+        self.started.add(stream)
+        return [(stream, word)]
 
     def flush(self) -> list[tuple[str, str]]:
         return []
@@ -70,8 +84,9 @@ class MockRunner:
         self._words: dict[int, int] = {}  # slot -> caption length in words
 
     def prepare(self, request: EngineRequest) -> Prompt:
-        words = mock_caption(request).split()[:VOCAB - 1]
-        return Prompt(max(1, prompt_tokens(request)), frozenset({EOS}), WordText(words), len(words))
+        reasoning = mock_reasoning(request).split()
+        words = (reasoning + mock_caption(request).split())[:VOCAB - 1]
+        return Prompt(max(1, prompt_tokens(request)), frozenset({EOS}), WordText(words, len(reasoning)), len(words))
 
     def encode_images(self, prompts: list[Prompt]) -> None:
         pass
