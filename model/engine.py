@@ -24,8 +24,8 @@ def largest_request(max_num_tiles: int, max_tokens: int = 2) -> EngineRequest:
     tiles = max_num_tiles + 1 if max_num_tiles > 1 else 1
     pixels = np.random.default_rng(0).integers(0, 256, (tiles, TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
     image = ImageInput(pixels, TILE_SIZE * max_num_tiles, TILE_SIZE)
-    return EngineRequest("warm-up", [Message("user", [ImagePart(image), TextPart("Caption the content of this image:")])],
-                         SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    user = Message("user", [ImagePart(image), TextPart("Caption the content of this image:")])
+    return EngineRequest("warm-up", [user], SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
 def run_to_end(engine: LLMEngine, request: EngineRequest) -> list:

@@ -128,8 +128,8 @@ class NemotronRunner:
         return self.model.encode_tiles((pixels - mean) / std)
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        logits = self.forward.prefill([c.slot for c in chunks],
-                                      [c.prompt.payload.embeds[c.start:c.end] for c in chunks], [c.start for c in chunks])
+        embeds = [c.prompt.payload.embeds[c.start:c.end] for c in chunks]
+        logits = self.forward.prefill([c.slot for c in chunks], embeds, [c.start for c in chunks])
         for chunk in chunks:
             if chunk.completes:
                 chunk.prompt.payload.embeds = None

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from model.config import translate_config
+from model.official import OFFICIAL_CONFIG
 from model.loader import build_model, init_random_weights
 from model.weights import native_to_official
 
@@ -170,32 +171,11 @@ def tiny_official_config(vocab_size: int, img_context_token_id: int) -> dict:
             "num_logits_to_keep": 1,
             "torch_dtype": "bfloat16",
         },
-        "vision_config": {
-            "architectures": ["RADIOModel"],
-            "model_type": "radio_model",
-            "args": {
-                # timm kwargs override the named geometry (the official file names vit_huge_patch16_224 only)
-                "model": "vit_huge_patch16_224",
-                "embed_dim": 32,
-                "depth": 2,
-                "num_heads": 2,
-                "cpe_max_size": 2048,
-                "register_multiple": 8,
-                "cls_token_per_teacher": True,
-                "teachers": [
-                    {"name": "clip", "use_summary": True},
-                    {"name": "siglip", "use_summary": True},
-                    {"name": "dino_v2", "use_summary": True},
-                    {"name": "sam", "use_summary": False},
-                ],
-            },
-            "patch_size": 16,
-            "max_resolution": 2048,
-            "preferred_resolution": [512, 512],
-            "adaptor_names": None,
-            "vitdet_window_size": None,
-            "torch_dtype": "bfloat16",
-        },
+        # The official RADIO config, with timm kwargs that override the named geometry (the official
+        # file names vit_huge_patch16_224 only): a 2-layer, 32-wide ViT.
+        "vision_config": {**OFFICIAL_CONFIG["vision_config"],
+                          "args": {**OFFICIAL_CONFIG["vision_config"]["args"], "embed_dim": 32, "depth": 2,
+                                   "num_heads": 2}},
     }
 
 

@@ -32,6 +32,7 @@ def tiny_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_service(tiny_path, tmp_path_factory):
     """The real engine on the tiny checkpoint, batching up to 8, behind a real server."""
-    service = Service({"MODEL_ID": str(tiny_path), "NIM_REQUIRE_AUTH": "0", "MAX_BATCH_SIZE": "8"}, tmp_path_factory.mktemp("logs") / "tiny.log")
+    service = Service({"MODEL_ID": str(tiny_path), "NIM_REQUIRE_AUTH": "0", "MAX_BATCH_SIZE": "8"},
+                      tmp_path_factory.mktemp("logs") / "tiny.log")
     yield service
     service.stop()

@@ -92,4 +92,5 @@ def test_an_engine_failure_ends_the_requests_in_flight_and_the_loop_goes_on():
     assert [e.error.status for e in errors] == [500]
     requests.put((0, "uid-b", time.monotonic(), job("b", 2)))
     run(loop, api, requests, transport, 10)
-    assert [d.finish_reason for _, uid, d, s in transport.sent if uid == "uid-b" and s == LitAPIStatus.OK][-1] == "length"
+    finished = [d.finish_reason for _, uid, d, s in transport.sent if uid == "uid-b" and s == LitAPIStatus.OK]
+    assert finished[-1] == "length"
