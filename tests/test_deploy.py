@@ -344,7 +344,7 @@ def test_cpu_fallback_hpa_cannot_coexist_with_queue_hpa():
 
 
 def test_operations_doc_mentions_the_deploy_commands():
-    # docs/OPERATIONS.md is the draft of the README's "Operating it" section; either may hold it.
+    # docs/OPERATIONS.md details the README's "Operating it" section; either may hold it.
     doc = "\n".join(p.read_text() for p in (ROOT / "docs" / "OPERATIONS.md", ROOT / "README.md") if p.is_file())
     for needle in ("docker build", "docker compose", "apply -k deploy/kubernetes", "hpa-cpu.yaml",
                    QUEUE_METRIC, "deploy/lint.sh"):
