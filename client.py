@@ -47,10 +47,20 @@ def encode_png_within(image: Image.Image, max_chars: int = MAX_BASE64_CHARS) -> 
         current = image.resize(size, Image.LANCZOS)
 
 
+def flatten_on_white(image: Image.Image) -> Image.Image:
+    """RGB as the service sees it: transparent pixels become white, not whatever colour they hide."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str) -> str:
     try:
         with Image.open(path) as image:
-            return encode_png_within(image)
+            return encode_png_within(flatten_on_white(image))
     except FileNotFoundError:
         raise ClientError(f"{path}: no such file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from client import MAX_BASE64_CHARS, encode_png_within
+from client import MAX_BASE64_CHARS, encode_png_within, load_image
 
 from tests.conftest import API_KEY
 from tests.helpers import ROOT, mock_caption_for
@@ -71,3 +71,14 @@ def test_client_fails_readably(mock_service, tmp_path):
     not_image.write_text("hello")
     bad = _run([str(not_image), "--url", mock_service.chat_url, "--api-key", API_KEY])
     assert bad.returncode == 1 and "not a readable image" in bad.stderr
+
+
+def test_transparent_pixels_are_sent_white_as_the_service_sees_them(tmp_path):
+    """A black logo on a transparent background must not come out all black."""
+    logo = Image.new("RGBA", (40, 30), (0, 0, 0, 0))  # transparent black everywhere...
+    logo.paste((0, 0, 0, 255), (10, 10, 20, 20))  # ...and one opaque black square
+    path = tmp_path / "logo.png"
+    logo.save(path)
+    sent = Image.open(io.BytesIO(base64.b64decode(load_image(str(path)))))
+    assert sent.mode == "RGB"
+    assert sent.getpixel((0, 0)) == (255, 255, 255) and sent.getpixel((15, 15)) == (0, 0, 0)
