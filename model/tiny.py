@@ -207,6 +207,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     weight_map = {}
     for file_name, tensors in shards.items():
         save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+        (out / file_name).chmod(0o644)  # safetensors writes 0600: others (a container user) must read it
         weight_map.update({k: file_name for k in tensors})
     total = sum(v.numel() * v.element_size() for v in official_state.values())
     (out / "model.safetensors.index.json").write_text(

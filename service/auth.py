@@ -27,9 +27,11 @@ class BearerAuth:
     def check(self, request: Request) -> None:
         if not self._keys or request.url.path in OPEN_PATHS or request.method == "OPTIONS":
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            problem = "malformed Authorization header" if header.strip() else "missing API key"
+            raise APIError(401, f"{problem}: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         presented = token.strip().encode()
         # Compare against every key, without stopping early, in constant time.

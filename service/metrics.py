@@ -37,6 +37,8 @@ QUEUE_DEPTH = Gauge("caption_queue_depth", "Requests admitted and waiting for th
 IN_FLIGHT = Gauge("caption_requests_in_flight", "Requests admitted and not yet answered.",
                   multiprocess_mode="livesum")
 REJECTED = Counter("caption_requests_rejected_total", "Requests refused before queuing, by reason.", ["reason"])
+for _reason in ("queue_full", "not_ready"):  # exported at 0 from the start, so rates work before the first one
+    REJECTED.labels(_reason)
 BATCH_SIZE = Histogram("caption_batch_size", "Sequences decoded together, per engine step.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 RUNNING = Gauge("caption_running_sequences", "Sequences holding a slot (prefilling or decoding).",

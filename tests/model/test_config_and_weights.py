@@ -148,3 +148,7 @@ def test_fused_qkv_is_split_as_timm_lays_it_out():
     for got, want in zip(native, (timm_q, timm_k, timm_v)):
         torch.testing.assert_close(got.reshape(heads, head_dim), want)
     assert torch.equal(native_to_official(split)[name + "weight"], fused)
+
+
+def test_tiny_checkpoint_files_are_readable_by_everyone(tiny_path):
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in tiny_path.iterdir())

@@ -58,3 +58,21 @@ def test_nvidia_api_key_is_honoured_too(tmp_path):
         assert ok.status_code == 200
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("headers, problem", [
+    ({}, "missing API key"),
+    ({"Authorization": "sekrit"}, "malformed Authorization header"),
+    ({"Authorization": "Bearer "}, "malformed Authorization header"),
+    ({"Authorization": "Basic dXNlcjpwYXNz"}, "malformed Authorization header"),
+    ({"Authorization": "Bearer wrong"}, "invalid API key"),
+])
+def test_the_401_says_what_is_wrong_with_the_header(mock_service, headers, problem):
+    response = requests.get(f"{mock_service.url}/v1/models", headers=headers, timeout=30)
+    assert response.status_code == 401 and response.json()["error"]["message"].startswith(problem)
+
+
+def test_rejection_counters_are_exported_before_the_first_rejection(mock_service):
+    text = requests.get(f"{mock_service.url}/metrics", timeout=10).text
+    for reason in ("queue_full", "not_ready"):
+        assert f'caption_requests_rejected_total{{reason="{reason}"}}' in text
