@@ -174,6 +174,9 @@ class CaptionAPI(ls.LitAPI):
     def authorize(self, request: Request) -> None:
         self.auth.check(request)
 
+    def should_stop(self) -> bool:
+        return self.shared.workers_should_stop
+
     def cancelled_jobs(self) -> set[int]:
         """Jobs the API servers gave up on (client gone); read once per engine step."""
         return set(self.shared.cancelled_ids().tolist())

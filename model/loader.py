@@ -63,11 +63,26 @@ def _is_full_size(model_id: str) -> bool:
 
 def check_can_run(model_id: str, device: str) -> None:
     """Refuse early (SystemExit with advice) when the configured model cannot run on this machine."""
+    check_model_folder(model_id)
     wants_cuda = device.startswith("cuda")
     if wants_cuda and not torch.cuda.is_available():
         raise SystemExit(f"DEVICE={device} but no CUDA GPU is visible.\n" + NO_GPU_MESSAGE.format(model_id=model_id))
     if device != "cpu" and not torch.cuda.is_available() and _is_full_size(model_id):
         raise SystemExit(NO_GPU_MESSAGE.format(model_id=model_id))
+
+
+def check_model_folder(model_id: str) -> None:
+    """A MODEL_ID written as a path must be a checkpoint folder: say so in one line, before any worker starts
+    (a path that does not exist would otherwise be taken for a hub id and fail deep in a worker)."""
+    if not model_id.startswith(("/", "./", "../", "~")):
+        return
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        raise SystemExit(f"MODEL_ID={model_id}: no such folder. Point MODEL_ID at a checkpoint folder (config.json, "
+                         "*.safetensors, tokenizer files) or at a hub id such as " + DEFAULT_MODEL_ID)
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"MODEL_ID={model_id}: the folder has no config.json, so it is not a checkpoint "
+                         "(python -m model.tiny DIR writes a small one for trying the service on a CPU)")
 
 
 def resolve_model_path(model_id: str, revision: str | None = None, local_only: bool = False) -> Path:

@@ -43,6 +43,8 @@ class EngineLoop(LitLoop):
 
     def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
         """One pass; LitServe calls it forever."""
+        if lit_api.should_stop():
+            raise SystemExit(0)  # the service is shutting down after its drain
         engine = lit_api.engine
         self._take_requests(lit_api, request_queue, block=not engine.has_unfinished())
         self._abort_abandoned(lit_api, lit_api.cancelled_jobs())

@@ -49,6 +49,7 @@ def install_sigterm_drain(shared: SharedState, grace_period: float) -> None:
         if shared.in_flight:
             logger.warning("grace period over with %d requests still in flight", shared.in_flight)
         _stopping.set()  # from here on, workers end because we end them
+        shared.stop_workers()  # rather than wait out LitServe's 5 s before it kills them
         raise KeyboardInterrupt  # LitServe's run() shuts everything down on this
 
     signal.signal(signal.SIGTERM, handler)

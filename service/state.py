@@ -28,6 +28,7 @@ class SharedState:
         self._cancel_next = _ctx.Value("q", 0)
         # What the worker's engine settled on at start (the slot pool is sized there).
         self._engine_slots = _ctx.RawValue("i", 0)
+        self._stop_workers = _ctx.RawValue("b", 0)
 
     # Admission ---------------------------------------------------------------------------
     def try_admit(self) -> bool:
@@ -59,6 +60,14 @@ class SharedState:
 
     def start_draining(self) -> None:
         self._draining.value = 1
+
+    @property
+    def workers_should_stop(self) -> bool:
+        return bool(self._stop_workers.value)
+
+    def stop_workers(self) -> None:
+        """The drain is over: inference workers (which ignore SIGTERM) leave on their own, at once."""
+        self._stop_workers.value = 1
 
     # Cancellation ------------------------------------------------------------------------
     @staticmethod

@@ -238,3 +238,10 @@ def test_text_that_forges_a_special_token_is_refused_and_the_engine_goes_on(engi
     assert error.status == 400 and error.code == "special_token_in_text" and "special token" in error.message
     (caption, _, last, _), = run(engine, [make_job([noise_image(64, 64, 0)], "Caption <imag e> please")])
     assert caption and last.finish_reason == "length"
+
+
+def test_a_model_id_that_names_a_missing_or_empty_folder_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no such folder"):
+        check_can_run(str(tmp_path / "tinyy"), "cpu")
+    with pytest.raises(SystemExit, match="no config.json"):
+        check_can_run(str(tmp_path), "cpu")

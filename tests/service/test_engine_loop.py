@@ -32,6 +32,9 @@ class API:
     def cancelled_jobs(self):
         return set(self.cancelled)
 
+    def should_stop(self):
+        return False
+
     def decode_request(self, job):
         return job.request
 

@@ -140,6 +140,17 @@ def test_a_killed_api_server_takes_the_service_down_for_its_supervisor(tmp_path)
     service.stop()
 
 
+def test_an_idle_service_stops_quickly_and_quietly_on_sigterm(tmp_path):
+    service = slow_service(tmp_path, "idle-stop")
+    assert requests.post(service.chat_url, json={**BODY, "max_tokens": 2}, timeout=10).status_code == 200
+    started = time.monotonic()
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(30) == 0
+    assert time.monotonic() - started < 3.0
+    assert "Killing (SIGKILL)" not in service.log()
+    service.stop()
+
+
 @pytest.mark.parametrize("to_group", [False, True], ids=["main-process", "process-group"])
 def test_sigterm_finishes_in_flight_work_then_exits_0(tmp_path, to_group):
     # Docker and Kubernetes signal the main process; systemd and `kill -TERM -PGID` the whole group.
