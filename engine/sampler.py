@@ -40,9 +40,10 @@ class Sampler:
         """`logits`: (len(seqs), vocab); returns one token id per row."""
         logits = logits.float()
         self._mask_eos(logits, seqs)
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+        flags = [s.params.greedy for s in seqs]  # decided on the host: no device sync before the one below
         chosen = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(flags):
+            greedy = torch.tensor(flags, device=logits.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, seqs))
         return chosen.tolist()
 
@@ -63,9 +64,10 @@ class Sampler:
         device = logits.device
         # Greedy rows get temperature 1 here; their sampled value is discarded.
         temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs], device=device)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+        top_ps = [s.params.top_p for s in seqs]
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
-        if bool((top_p < 1.0).any()):
+        if any(p < 1.0 for p in top_ps):
+            top_p = torch.tensor(top_ps, device=device)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Keep the smallest head whose mass reaches top_p; the top token always stays.
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
