@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.request import EngineRequest, ImageInput
-from engine.runner import PrefillChunk, Prompt, PromptTooLong
+from engine.runner import PrefillChunk, Prompt
 from model.architecture import NemotronNanoVLV2
 from model.detokenize import TokenText
 from model.forward import SlotForward
@@ -99,10 +99,7 @@ class NemotronRunner:
     # ---- ModelRunner ---------------------------------------------------------------------------
 
     def prepare(self, request: EngineRequest) -> Prompt:
-        prompt = self.prompts.build(request)
-        if len(prompt.input_ids) >= self.max_seq_len:
-            raise PromptTooLong(f"the prompt is {len(prompt.input_ids)} tokens, and one sequence holds at most "
-                                f"{self.max_seq_len} here (MAX_MODEL_LEN): send fewer or smaller images, or less text")
+        prompt = self.prompts.build(request)  # whether it fits the slot, the engine checks with max_tokens
         text = TokenText(self.tokenizer, prompt.reasoning, *self.think_ids)
         return Prompt(len(prompt.input_ids), self.eos_ids, text, _Payload(prompt.input_ids, request.images))
 
