@@ -2,7 +2,7 @@
 
 `MockRunner` implements the engine's `ModelRunner` interface, so mock mode runs the real scheduler,
 sampler and text handling. Its tokens are whitespace words: token id k is the k-th word of the
-request's answer and id 0 is EOS. Prompt tokens are the prompt's words plus `IMAGE_TOKENS` per tile.
+request's answer and id 0 is EOS. Prompt tokens are the prompt's words plus `IMAGE_TOKENS_PER_TILE` per tile.
 With reasoning on (as the real template decides it: the system prompt lacks `/no_think`), the answer
 starts with a short reasoning, returned as `reasoning_content`.
 """
@@ -17,8 +17,8 @@ import torch
 from engine.llm_engine import LLMEngine
 from engine.request import EngineRequest, ImageInput
 from engine.runner import PrefillChunk, Prompt
+from model.tiling import IMAGE_TOKENS_PER_TILE
 
-IMAGE_TOKENS = 256
 EOS = 0
 VOCAB = 1024  # every caption is far shorter (at most 4 images of 16 words)
 _CHOSEN, _OTHER = 0.0, -1e4  # logits that make every sampler choose the intended word
@@ -52,7 +52,7 @@ def mock_reasoning(request: EngineRequest) -> str:
 
 
 def prompt_tokens(request: EngineRequest) -> int:
-    return sum(len(m.text.split()) for m in request.messages) + IMAGE_TOKENS * request.tiles
+    return sum(len(m.text.split()) for m in request.messages) + IMAGE_TOKENS_PER_TILE * request.tiles
 
 
 class WordText:

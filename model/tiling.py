@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 TILE_SIZE = 512
+IMAGE_TOKENS_PER_TILE = 256  # 32 x 32 patches of 16 pixels, pixel shuffle 0.5
 DEFAULT_MAX_NUM_TILES = 12
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 from engine.request import EngineRequest, ImageInput, ImagePart, Message, SamplingParams, TextPart
 from engine.runner import SpecialTokenInText
 from model.images import ImageError
-from model.tiling import tile_image
+from model.tiling import IMAGE_TOKENS_PER_TILE, tile_image
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, ImageContent
 from service.remote_images import RemoteImagePolicy, load_image
@@ -111,9 +111,6 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                         enable_thinking=request.enable_thinking)
     _check_fits(job, limits)
     return job
-
-
-IMAGE_TOKENS_PER_TILE = 256  # 512x512 tile, 16-pixel patches, pixel shuffle 0.5
 
 
 def _check_fits(job: EngineRequest, limits: JobLimits) -> None:
