@@ -26,7 +26,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import requests
 import torch
 
@@ -34,10 +33,10 @@ from bench.images import make_image
 from bench.roofline import figures
 from bench.run import Plan, git_commit, parse_args, run_level
 from engine.llm_engine import LLMEngine
-from engine.request import EngineRequest, ImageInput, ImagePart, Message, SamplingParams, TextPart
+from engine.request import EngineRequest, ImagePart, Message, SamplingParams, TextPart
 from model.official import OFFICIAL_CONFIG
+from model.engine import random_image
 from model.runner import NemotronRunner, load_runner
-from model.tiling import TILE_SIZE
 from model.tiny import build_tokenizer, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +69,6 @@ def write_dummy_checkpoint(out: Path) -> Path:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def random_image(tiles: int, seed: int) -> ImageInput:
-    pixels = np.random.default_rng(seed).integers(0, 256, (tiles, TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
-    return ImageInput(pixels, TILE_SIZE * max(1, tiles - 1), TILE_SIZE)
 
 
 def caption_request(request_id: str, tiles: int, seed: int, max_tokens: int, ignore_eos: bool = True) -> EngineRequest:

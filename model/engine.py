@@ -19,11 +19,15 @@ from model.tiling import TILE_SIZE
 log = logging.getLogger(__name__)
 
 
+def random_image(tiles: int, seed: int = 0) -> ImageInput:
+    """An image already cut into `tiles` tiles (the last one the thumbnail), random pixels, seeded."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (tiles, TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
+    return ImageInput(pixels, TILE_SIZE * max(1, tiles - 1), TILE_SIZE)
+
+
 def largest_request(max_num_tiles: int, max_tokens: int = 2) -> EngineRequest:
     """One image cut into the most tiles the server allows (plus the thumbnail), random pixels."""
-    tiles = max_num_tiles + 1 if max_num_tiles > 1 else 1
-    pixels = np.random.default_rng(0).integers(0, 256, (tiles, TILE_SIZE, TILE_SIZE, 3), dtype=np.uint8)
-    image = ImageInput(pixels, TILE_SIZE * max_num_tiles, TILE_SIZE)
+    image = random_image(max_num_tiles + 1 if max_num_tiles > 1 else 1)
     user = Message("user", [ImagePart(image), TextPart("Caption the content of this image:")])
     return EngineRequest("warm-up", [user], SamplingParams(max_tokens=max_tokens, temperature=0.0))
 

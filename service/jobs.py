@@ -114,8 +114,8 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
 
 
 def _check_fits(job: EngineRequest, limits: JobLimits) -> None:
-    """Refuse before queuing what can never fit: image tokens are known exactly here (text is counted
-    by the worker, which refuses the rest with the same code)."""
+    """Refuse before queuing what can never fit by its images alone, which are counted exactly here for
+    any engine (the whole prompt is counted by `PromptCheck` for the real model, and by the engine)."""
     if limits.max_model_len is None:
         return
     image_tokens = sum(IMAGE_TOKENS_PER_TILE * image.num_tiles + 2 for image in job.images)  # + <img> </img>
