@@ -43,8 +43,8 @@ import requests
 if __package__ in (None, ""):  # `python bench/mixed.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.images import KINDS, BenchImage, make_image, parse_size  # noqa: E402
-from bench.run import DEFAULT_MODEL, Sample, build_body, git_commit, percentiles, send  # noqa: E402
+from bench.images import KINDS, BenchImage, make_image  # noqa: E402
+from bench.run import Sample, add_request_options, build_body, git_commit, percentiles, send  # noqa: E402
 
 MAX_TOKENS_CHOICES = (8, 32, 128, 256)
 
@@ -254,15 +254,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) first")
     p.add_argument("--skip-mixed", action="store_true")
     p.add_argument("--skip-short", action="store_true")
-    p.add_argument("--size", type=parse_size, default=(512, 512), help="image WIDTHxHEIGHT (512x512: 1 tile)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-tiles", type=int, default=12)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--prompt", default="Caption the content of this image:")
-    p.add_argument("--system-prompt", default="/no_think")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--api-key", default=os.environ.get("NGC_API_KEY") or os.environ.get("NVIDIA_API_KEY"))
-    p.add_argument("--timeout", type=float, default=300.0)
+    add_request_options(p)
     p.add_argument("--out", type=Path, help="write the JSON result here")
     p.add_argument("--compare", nargs="+", type=Path, metavar="JSON",
                    help="print a side-by-side table of these result files and exit")

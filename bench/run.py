@@ -271,6 +271,19 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def add_request_options(p: argparse.ArgumentParser) -> None:
+    """What every request of a benchmark looks like (shared by the tools in bench/)."""
+    p.add_argument("--size", type=parse_size, default=(512, 512),
+                   help="image WIDTHxHEIGHT (sets the tile count: 512x512 is 1 tile, 640x480 13)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-tiles", type=int, default=12)
+    p.add_argument("--prompt", default="Caption the content of this image:")
+    p.add_argument("--system-prompt", default="/no_think")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--api-key", default=os.environ.get("NGC_API_KEY") or os.environ.get("NVIDIA_API_KEY"))
+    p.add_argument("--timeout", type=float, default=300.0)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Throughput and latency sweep against a running caption service.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
@@ -282,15 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="1.0 is what nv-ingest sends")
     p.add_argument("--ignore-eos", action="store_true", help="fixed-length captions of exactly --max-tokens")
     p.add_argument("--repeat-fraction", type=float, default=0.0)
-    p.add_argument("--size", type=parse_size, default=(512, 512), help="image WIDTHxHEIGHT (sets the tile count)")
     p.add_argument("--kinds", type=parse_kinds, default=KINDS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-tiles", type=int, default=12)
-    p.add_argument("--prompt", default="Caption the content of this image:")
-    p.add_argument("--system-prompt", default="/no_think")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--api-key", default=os.environ.get("NGC_API_KEY") or os.environ.get("NVIDIA_API_KEY"))
-    p.add_argument("--timeout", type=float, default=300.0)
+    add_request_options(p)
     p.add_argument("--out", type=Path, help="write results.json, results.md and plot.png here")
     args = p.parse_args(argv)
     if not 0.0 <= args.repeat_fraction < 1.0:
