@@ -115,30 +115,15 @@ def unprintable_ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> list
 
 
 def tiny_official_config(vocab_size: int, img_context_token_id: int) -> dict:
-    """Same keys as the official config.json, tiny sizes."""
+    """The official config.json (model/official.py) with tiny sizes: every other key as the 12B has it."""
+    official = OFFICIAL_CONFIG
     return {
-        "architectures": ["NemotronH_Nano_VL_V2"],
-        "model_type": "NemotronH_Nano_VL_V2",
-        "torch_dtype": "bfloat16",
-        "force_image_size": 512,
-        "patch_size": 16,
-        "downsample_ratio": 0.5,
-        "ps_version": "v2",
-        "image_tag_type": "internvl",
-        "template": "nemotron-h-5p5",
-        "img_context_token": "<image>",
-        "img_start_token": "<img>",
-        "img_end_token": "</img>",
-        "img_context_token_id": img_context_token_id,
-        "video_context_token": "<video>",
+        **official,
         "projector_hidden_size": 256,
         "vit_hidden_size": 32,
-        "norm_mean": [0.48145466, 0.4578275, 0.40821073],
-        "norm_std": [0.26862954, 0.26130258, 0.27577711],
-        "use_thumbnail": True,
+        "img_context_token_id": img_context_token_id,
         "llm_config": {
-            "architectures": ["NemotronHForCausalLM"],
-            "model_type": "nemotron_h",
+            **official["llm_config"],
             "vocab_size": vocab_size,
             "hidden_size": 64,
             "intermediate_size": 128,
@@ -151,30 +136,12 @@ def tiny_official_config(vocab_size: int, img_context_token_id: int) -> dict:
             "mamba_head_dim": 16,
             "ssm_state_size": 16,
             "n_groups": 2,
-            "conv_kernel": 4,
-            "expand": 2,
             "chunk_size": 16,
-            "use_conv_bias": True,
-            "use_bias": False,
-            "mlp_bias": False,
-            "attention_bias": False,
-            "mlp_hidden_act": "relu2",
-            "mamba_hidden_act": "silu",
-            "layer_norm_epsilon": 1e-5,
-            "residual_in_fp32": False,
-            "rescale_prenorm_residual": True,
-            "tie_word_embeddings": False,
-            "max_position_embeddings": 131072,
-            "bos_token_id": 1,
-            "eos_token_id": 12,
-            "pad_token_id": 0,
-            "num_logits_to_keep": 1,
-            "torch_dtype": "bfloat16",
         },
-        # The official RADIO config, with timm kwargs that override the named geometry (the official
-        # file names vit_huge_patch16_224 only): a 2-layer, 32-wide ViT.
-        "vision_config": {**OFFICIAL_CONFIG["vision_config"],
-                          "args": {**OFFICIAL_CONFIG["vision_config"]["args"], "embed_dim": 32, "depth": 2,
+        # timm kwargs override the named geometry (the official file names vit_huge_patch16_224 only):
+        # a 2-layer, 32-wide ViT.
+        "vision_config": {**official["vision_config"],
+                          "args": {**official["vision_config"]["args"], "embed_dim": 32, "depth": 2,
                                    "num_heads": 2}},
     }
 
