@@ -24,6 +24,7 @@ from model.forward import SlotForward
 from model.loader import load_model
 from model.prompt import PromptBuilder, image_tokens_for, token_id
 from model.state_pool import PoolShape, StatePool
+from model.tiling import normalize_tiles
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -77,9 +78,6 @@ class NemotronRunner:
         self.eos_ids = eos_token_ids(model, tokenizer, model_path)
         self.think_ids = (token_id(tokenizer, "<think>"), token_id(tokenizer, "</think>"))
         self.sampling_defaults = sampling_defaults(model_path)
-        mean = torch.tensor(cfg.norm_mean, dtype=torch.float32, device=self.device)
-        std = torch.tensor(cfg.norm_std, dtype=torch.float32, device=self.device)
-        self._norm = (mean[:, None, None], std[:, None, None])
         self.allocate(num_slots, max_seq_len, graphs="none" if num_slots == 1 else "all")
 
     def allocate(self, num_slots: int, max_seq_len: int, graph_batch: int | None = None,
@@ -120,9 +118,8 @@ class NemotronRunner:
 
     def _encode(self, tiles: list[np.ndarray]) -> torch.Tensor:
         """uint8 (n, side, side, 3) tiles -> normalised pixels on the device -> image token embeddings."""
-        pixels = torch.from_numpy(np.concatenate(tiles)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        mean, std = self._norm
-        return self.model.encode_tiles((pixels - mean) / std)
+        pixels = torch.from_numpy(np.concatenate(tiles)).to(self.device)
+        return self.model.encode_tiles(normalize_tiles(pixels, self.config.norm_mean, self.config.norm_std))
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         embeds = [c.prompt.payload.embeds[c.start:c.end] for c in chunks]

@@ -1,14 +1,14 @@
 """InternVL-style dynamic tiling, as the official `NemotronNanoVLV2ImageProcessor` does, without torchvision.
 
-Pure functions of (image, settings): usable in the API-server process to count tokens or pre-tile.
-Resizes are PIL bicubic (torchvision's Resize on PIL images calls the same PIL resize).
+Pure functions of (image, settings): the API-server process tiles, the worker normalises the uint8
+tiles (`normalize_tiles`). Resizes are PIL bicubic (torchvision's Resize on PIL images calls the same
+PIL resize).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -72,21 +72,11 @@ def tile_image(
     return tiles
 
 
-def tiles_to_tensor(
-    tiles: list[Image.Image], norm_mean: tuple[float, float, float], norm_std: tuple[float, float, float]
+def normalize_tiles(
+    tiles: torch.Tensor, norm_mean: tuple[float, float, float], norm_std: tuple[float, float, float]
 ) -> torch.Tensor:
-    """Tiles -> (n, 3, H, W) float32, scaled to [0, 1] then normalised per channel."""
-    array = np.stack([np.asarray(t, dtype=np.float32) for t in tiles]) / 255.0  # (n, H, W, 3)
-    array = (array - np.asarray(norm_mean, dtype=np.float32)) / np.asarray(norm_std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
-
-
-def preprocess_image(
-    image: Image.Image,
-    max_num_tiles: int,
-    norm_mean: tuple[float, float, float],
-    norm_std: tuple[float, float, float],
-    use_thumbnail: bool = True,
-    tile_size: int = TILE_SIZE,
-) -> torch.Tensor:
-    return tiles_to_tensor(tile_image(image, max_num_tiles, use_thumbnail, tile_size), norm_mean, norm_std)
+    """uint8 tiles (n, H, W, 3), on any device -> (n, 3, H, W) float32, scaled to [0, 1] then normalised
+    per channel (the worker does this on the GPU: only uint8 tiles cross from the API server)."""
+    mean = torch.tensor(norm_mean, dtype=torch.float32, device=tiles.device)[:, None, None]
+    std = torch.tensor(norm_std, dtype=torch.float32, device=tiles.device)[:, None, None]
+    return (tiles.permute(0, 3, 1, 2).float() / 255.0 - mean) / std

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.tiling import choose_grid, num_tiles, preprocess_image, tile_image, tiles_to_tensor
+from model.tiling import choose_grid, normalize_tiles, num_tiles, tile_image
+from service.jobs import to_input
 
 REFERENCE_12 = [((1920, 1080), 9), ((640, 480), 13), ((481, 202), 11), ((2775, 4190), 7), ((1024, 1024), 5)]
 
@@ -48,11 +49,12 @@ def test_tiles_are_row_major_crops_of_the_resized_image_plus_thumbnail():
 
 def test_normalisation_scales_to_unit_then_uses_mean_and_std():
     mean, std = (0.5, 0.25, 0.0), (0.5, 0.25, 1.0)
-    white = Image.new("RGB", (512, 512), (255, 255, 255))
-    tensor = tiles_to_tensor([white], mean, std)
+    white = torch.from_numpy(to_input(Image.new("RGB", (512, 512), (255, 255, 255)), 12).tiles)
+    tensor = normalize_tiles(white, mean, std)
     assert tensor.shape == (1, 3, 512, 512) and tensor.dtype == torch.float32
     assert tensor[0, :, 0, 0].tolist() == pytest.approx([1.0, 3.0, 1.0])
-    assert preprocess_image(Image.new("RGB", (640, 480)), 12, mean, std).shape == (13, 3, 512, 512)
+    tiles = torch.from_numpy(to_input(Image.new("RGB", (640, 480)), 12).tiles)
+    assert normalize_tiles(tiles, mean, std).shape == (13, 3, 512, 512)
 
 
 def test_bad_sizes_are_refused():
