@@ -20,6 +20,7 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.request import EngineRequest, RequestOutput
+from model.official import MODEL_ID, SERVED_MODEL_NAME
 from service import metrics
 from service.auth import BearerAuth
 from service.body_limit import BodyLimitMiddleware
@@ -27,10 +28,11 @@ from service.connections import uvicorn_options
 from service.errors import install_error_handlers
 from service.engine_loop import EngineLoop
 from service.jobs import JobLimits, PromptCheck, QueuedJob
-from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_sigterm_in_worker, install_sigterm_drain, watch_workers
+from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_stop_signals_in_worker, install_drain, watch_workers
 from service.observability import RequestContextMiddleware, configure_logging
 from service.remote_images import RemoteImagePolicy
-from service.spec import CaptionSpec, ServiceInfo
+from service.routes import ServiceInfo
+from service.spec import CaptionSpec
 from service.state import SharedState
 
 __version__ = "0.1.0"
@@ -62,12 +64,12 @@ class Settings(BaseSettings):
     # Model
     enable_mock_inference: bool = False
     mock_token_delay: float = Field(0.0, ge=0, description="seconds per mock decoding step")
-    model_id: str = "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"
+    model_id: str = MODEL_ID
     model_revision: Optional[str] = None
     device: str = "auto"
     dtype: str = "auto"
     max_num_tiles: int = Field(12, ge=1, le=12)
-    nim_served_model_name: str = "nvidia/nemotron-nano-12b-v2-vl"
+    nim_served_model_name: str = SERVED_MODEL_NAME
     max_model_len: int = Field(16384, ge=64, description="prompt plus output tokens of one request (the size "
                                                          "of one slot)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory for weights, "
@@ -112,8 +114,6 @@ class Settings(BaseSettings):
             "model_id": self.model_id,
             "revision": self.model_revision,
             "mock": self.enable_mock_inference,
-            "dtype": self.dtype,
-            "device": self.device,
             "max_num_tiles": self.max_num_tiles,
             "max_batch_size": self.max_batch_size,
             "max_prefill_tokens": self.max_prefill_tokens,
@@ -144,7 +144,7 @@ class CaptionAPI(ls.LitAPI):
 
     def __init__(self, settings: Settings, shared: SharedState):
         info = ServiceInfo(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
-                           settings.request_timeout, settings.metadata())
+                           settings.request_timeout, __version__, settings.metadata())
         prompt_check = None if settings.enable_mock_inference else PromptCheck(
             settings.model_id, settings.model_revision, settings.max_model_len)
         super().__init__(spec=CaptionSpec(info, settings.limits(), shared, settings.caption_cache_size,
@@ -154,8 +154,9 @@ class CaptionAPI(ls.LitAPI):
         self.auth = BearerAuth(settings.api_keys())
 
     def setup(self, device: str) -> None:
-        ignore_sigterm_in_worker()
+        ignore_stop_signals_in_worker()
         s = self.settings
+        configure_logging(s.log_level, s.log_format)  # a spawned worker starts with Python's defaults
         if s.enable_mock_inference:
             from model.mock import mock_engine
 
@@ -169,7 +170,8 @@ class CaptionAPI(ls.LitAPI):
                                       max_seq_len=s.max_model_len, max_prefill_tokens=s.max_prefill_tokens,
                                       ssm_dtype=s.ssm_state_dtype, memory_fraction=s.gpu_memory_utilization,
                                       load_format=s.load_format, enforce_eager=s.enforce_eager)
-        self.shared.set_engine_slots(self.engine.scheduler.num_slots)
+        runner = self.engine.runner
+        self.shared.set_engine(self.engine.scheduler.num_slots, str(runner.device), str(runner.dtype).removeprefix("torch."))
 
     def authorize(self, request: Request) -> None:
         self.auth.check(request)
@@ -219,7 +221,7 @@ def main() -> None:
                 settings.max_batch_size, settings.max_model_len, settings.max_prefill_tokens)
     shared = SharedState(settings.max_queued_requests)
     server = build_server(settings, shared)
-    install_sigterm_drain(shared, settings.shutdown_grace_period)
+    install_drain(shared, settings.shutdown_grace_period)
     watch_workers(server, shared)
     server.run(host=settings.host, port=settings.port, generate_client_file=False,
                log_level=settings.log_level.lower(), access_log=False, log_config=None,

@@ -7,11 +7,12 @@ state it keeps between steps (for the real model: Mamba conv/SSM states and atte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.request import EngineRequest
+
+if TYPE_CHECKING:  # the API servers import this module for its exceptions: no torch there
+    import torch
 
 
 class PromptRefused(ValueError):
@@ -64,6 +65,8 @@ class ModelRunner(Protocol):
     num_slots: int
     max_seq_len: int  # prompt plus output tokens one slot holds
     sampling_defaults: tuple[float, float]  # temperature, top_p when a request gives none
+    device: object  # where it runs and in which dtype (reported by /v1/metadata)
+    dtype: object
 
     def prepare(self, request: EngineRequest) -> Prompt: ...
 

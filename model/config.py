@@ -79,7 +79,6 @@ class VLConfig:
     vit_hidden_size: int
     norm_mean: tuple[float, float, float]
     norm_std: tuple[float, float, float]
-    use_thumbnail: bool
     img_context_token: str
     img_start_token: str
     img_end_token: str
@@ -201,6 +200,9 @@ def translate_config(official: dict) -> VLConfig:
     vit_hidden_size = int(official.get("vit_hidden_size", vision_config.hidden_size))
     if vit_hidden_size != vision_config.hidden_size:
         raise ValueError(f"vit_hidden_size {vit_hidden_size} != RADIO width {vision_config.hidden_size}")
+    if not official.get("use_thumbnail", True):
+        raise ValueError("use_thumbnail is false; this service tiles images with a thumbnail, as the official "
+                         "checkpoint does (model/tiling.py)")
     return VLConfig(
         text_config=text_config,
         vision_config=vision_config,
@@ -211,7 +213,6 @@ def translate_config(official: dict) -> VLConfig:
         vit_hidden_size=vit_hidden_size,
         norm_mean=norm_mean,
         norm_std=norm_std,
-        use_thumbnail=bool(official.get("use_thumbnail", True)),
         img_context_token=official.get("img_context_token", "<image>"),
         img_start_token=official.get("img_start_token", "<img>"),
         img_end_token=official.get("img_end_token", "</img>"),

@@ -15,11 +15,11 @@ from transformers import PreTrainedTokenizerFast
 
 from model.architecture import NemotronNanoVLV2
 from model.config import VLConfig, translate_config
+from model.official import MODEL_ID
 from model.weights import iter_native
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"
 _FULL_SIZE_LLM_HIDDEN = 5120
 
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
@@ -49,7 +49,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _is_full_size(model_id: str) -> bool:
-    if model_id == DEFAULT_MODEL_ID:
+    if model_id == MODEL_ID:
         return True
     config_path = Path(model_id) / "config.json"
     if config_path.is_file():
@@ -79,7 +79,7 @@ def check_model_folder(model_id: str) -> None:
     folder = Path(model_id).expanduser()
     if not folder.is_dir():
         raise SystemExit(f"MODEL_ID={model_id}: no such folder. Point MODEL_ID at a checkpoint folder (config.json, "
-                         "*.safetensors, tokenizer files) or at a hub id such as " + DEFAULT_MODEL_ID)
+                         "*.safetensors, tokenizer files) or at a hub id such as " + MODEL_ID)
     if not (folder / "config.json").is_file():
         raise SystemExit(f"MODEL_ID={model_id}: the folder has no config.json, so it is not a checkpoint "
                          "(python -m model.tiny DIR writes a small one for trying the service on a CPU)")

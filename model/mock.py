@@ -81,6 +81,7 @@ class MockRunner:
 
     def __init__(self, num_slots: int, max_seq_len: int, step_delay: float = 0.0):
         self.num_slots, self.max_seq_len, self.step_delay = num_slots, max_seq_len, step_delay
+        self.device, self.dtype = "cpu", "float32"  # its logits
         self._words: dict[int, int] = {}  # slot -> caption length in words
 
     def prepare(self, request: EngineRequest) -> Prompt:

@@ -10,6 +10,8 @@ tokenizer at load time. The GPU benchmark builds this architecture with random w
 
 from __future__ import annotations
 
+MODEL_ID = "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"  # the checkpoint on the hub
+SERVED_MODEL_NAME = "nvidia/nemotron-nano-12b-v2-vl"  # the name nv-ingest and the NIM use in requests
 HYBRID_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
 
 OFFICIAL_CONFIG: dict = {

@@ -24,7 +24,6 @@ from model.forward import SlotForward
 from model.loader import load_model
 from model.prompt import PromptBuilder, image_tokens_for, token_id
 from model.state_pool import PoolShape, StatePool
-from model.tiling import normalize_tiles
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -172,3 +171,13 @@ def load_runner(model_id: str, revision: str | None, device: str, dtype: str, nu
     model, tokenizer, path = load_model(model_id, revision, device, dtype, load_format)
     state_dtype = getattr(torch, ssm_dtype)
     return NemotronRunner(model, tokenizer, num_slots, max_seq_len, state_dtype, path, enforce_eager)
+
+
+def normalize_tiles(
+    tiles: torch.Tensor, norm_mean: tuple[float, float, float], norm_std: tuple[float, float, float]
+) -> torch.Tensor:
+    """uint8 tiles (n, H, W, 3), on any device -> (n, 3, H, W) float32, scaled to [0, 1] then normalised
+    per channel (the worker does this on the GPU: only uint8 tiles cross from the API server)."""
+    mean = torch.tensor(norm_mean, dtype=torch.float32, device=tiles.device)[:, None, None]
+    std = torch.tensor(norm_std, dtype=torch.float32, device=tiles.device)[:, None, None]
+    return (tiles.permute(0, 3, 1, 2).float() / 255.0 - mean) / std

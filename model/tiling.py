@@ -1,15 +1,15 @@
 """InternVL-style dynamic tiling, as the official `NemotronNanoVLV2ImageProcessor` does, without torchvision.
 
-Pure functions of (image, settings): the API-server process tiles, the worker normalises the uint8
-tiles (`normalize_tiles`). Resizes are PIL bicubic (torchvision's Resize on PIL images calls the same
-PIL resize).
+Pure functions of (image, settings), without torch: the API-server processes tile, and the worker
+normalises the uint8 tiles on its device (`model/runner.py`). Resizes are PIL bicubic (torchvision's
+Resize on PIL images calls the same PIL resize). A whole-image thumbnail follows the tiles whenever
+there are several, as the checkpoint's `use_thumbnail: true` asks (the loader refuses any other value).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-import torch
 from PIL import Image
 
 TILE_SIZE = 512
@@ -49,15 +49,17 @@ def choose_grid(width: int, height: int, max_num_tiles: int, tile_size: int = TI
     return best
 
 
-def num_tiles(width: int, height: int, max_num_tiles: int, use_thumbnail: bool = True, tile_size: int = TILE_SIZE) -> int:
+def num_tiles(width: int, height: int, max_num_tiles: int, tile_size: int = TILE_SIZE) -> int:
+    """Tiles the image is cut into, thumbnail included (what `tile_image` returns, without cutting)."""
     cols, rows = choose_grid(width, height, max_num_tiles, tile_size)
-    count = cols * rows
-    return count + 1 if use_thumbnail and count > 1 else count
+    return cols * rows + has_thumbnail(cols * rows)
 
 
-def tile_image(
-    image: Image.Image, max_num_tiles: int, use_thumbnail: bool = True, tile_size: int = TILE_SIZE
-) -> list[Image.Image]:
+def has_thumbnail(grid_tiles: int) -> bool:
+    return grid_tiles > 1
+
+
+def tile_image(image: Image.Image, max_num_tiles: int, tile_size: int = TILE_SIZE) -> list[Image.Image]:
     """Resize to the chosen grid, cut row-major tiles, append a whole-image thumbnail when > 1 tile."""
     image = image.convert("RGB")
     cols, rows = choose_grid(image.width, image.height, max_num_tiles, tile_size)
@@ -67,16 +69,6 @@ def tile_image(
         for r in range(rows)
         for c in range(cols)
     ]
-    if use_thumbnail and len(tiles) > 1:
+    if has_thumbnail(len(tiles)):
         tiles.append(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
     return tiles
-
-
-def normalize_tiles(
-    tiles: torch.Tensor, norm_mean: tuple[float, float, float], norm_std: tuple[float, float, float]
-) -> torch.Tensor:
-    """uint8 tiles (n, H, W, 3), on any device -> (n, 3, H, W) float32, scaled to [0, 1] then normalised
-    per channel (the worker does this on the GPU: only uint8 tiles cross from the API server)."""
-    mean = torch.tensor(norm_mean, dtype=torch.float32, device=tiles.device)[:, None, None]
-    std = torch.tensor(norm_std, dtype=torch.float32, device=tiles.device)[:, None, None]
-    return (tiles.permute(0, 3, 1, 2).float() / 255.0 - mean) / std

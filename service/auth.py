@@ -11,18 +11,12 @@ import hmac
 from fastapi import Request
 
 from service.errors import APIError
-
-# Probes and scrapers must work without a key (Kubernetes and Prometheus don't send one).
-OPEN_PATHS = ("/health", "/metrics", "/v1/health/live", "/v1/health/ready", "/v1/metrics")
+from service.routes import OPEN_PATHS  # probes and scrapers send no key (Kubernetes, Prometheus)
 
 
 class BearerAuth:
     def __init__(self, keys: list[str]):
         self._keys = [k.encode() for k in keys if k]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
 
     def check(self, request: Request) -> None:
         if not self._keys or request.url.path in OPEN_PATHS or request.method == "OPTIONS":

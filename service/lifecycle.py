@@ -1,7 +1,7 @@
 """Process lifecycle in the main process: graceful SIGTERM drain and inference-worker death.
 
 LitServe's own handling falls short for a service behind a supervisor: a plain SIGTERM left an
-orphaned API server holding the port, and a dead worker left requests hanging. Here SIGTERM stops
+orphaned API server holding the port, and a dead worker left requests hanging. Here SIGTERM (or Ctrl+C) stops
 admission, lets in-flight requests finish (bounded by a grace period) and exits 0; a dead worker
 fails in-flight requests with 503 (the API servers poll the shared flag), turns readiness off,
 and the process exits non-zero so that Docker, Kubernetes or systemd restart it.
@@ -23,24 +23,27 @@ WORKER_DIED_EXIT_CODE = 3
 _stopping = threading.Event()
 
 
-def ignore_sigterm_in_worker() -> None:
-    """Inference workers leave SIGTERM to the main process, which drains first and then stops them.
+def ignore_stop_signals_in_worker() -> None:
+    """Inference workers leave SIGTERM and Ctrl+C to the main process, which drains first and then stops them.
 
-    Without this, a SIGTERM sent to the whole process group (systemd's default, `kill -TERM -PGID`)
-    would kill the worker under the requests the drain is waiting for.
+    Without this, a signal sent to the whole process group (systemd's default, `kill -TERM -PGID`, or
+    Ctrl+C in a terminal) would kill the worker under the requests the drain is waiting for.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def install_sigterm_drain(shared: SharedState, grace_period: float) -> None:
+def install_drain(shared: SharedState, grace_period: float) -> None:
+    """SIGTERM or Ctrl+C: stop admitting, let in-flight requests finish (up to the grace period), exit 0.
+    A second signal stops at once."""
     main_pid = os.getpid()
 
     def handler(signum, frame):
         if os.getpid() != main_pid:
             return
-        if shared.draining:  # a second SIGTERM: stop now
+        if shared.draining:
             raise KeyboardInterrupt
-        logger.info("SIGTERM: refusing new requests, draining %d in flight (up to %.0fs)",
+        logger.info("%s: refusing new requests, draining %d in flight (up to %.0fs)", signal.Signals(signum).name,
                     shared.in_flight, grace_period)
         shared.start_draining()
         deadline = time.monotonic() + grace_period
@@ -53,6 +56,7 @@ def install_sigterm_drain(shared: SharedState, grace_period: float) -> None:
         raise KeyboardInterrupt  # LitServe's run() shuts everything down on this
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def _api_servers() -> list[mp.Process]:

@@ -13,10 +13,12 @@ import time
 import uuid
 
 from service import metrics
+from service.routes import OPEN_PATHS
 
 access_log = logging.getLogger("caption.access")
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
-_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# uvicorn adds `color_message`, the same message with ANSI colours: never a field of ours.
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 class RequestContextMiddleware:
@@ -50,7 +52,7 @@ class RequestContextMiddleware:
             route = _route_label(scope)
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.LATENCY.labels(route).observe(elapsed)
-            if route not in ("/metrics", "/health", "/v1/health/live", "/v1/health/ready"):
+            if route not in OPEN_PATHS:  # probes and scrapes would drown the log
                 access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000,
                                 extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
                                        "status": status, "latency_ms": round(elapsed * 1000, 1),
@@ -58,9 +60,13 @@ class RequestContextMiddleware:
 
 
 def _route_label(scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if path else "unmatched"
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    # Answered before routing (a 413 from the body limit): label it by the route its path names.
+    app = scope.get("app")
+    known = {getattr(route, "path", None) for route in getattr(app, "routes", ())}
+    return scope["path"] if scope.get("path") in known else "unmatched"
 
 
 class JsonFormatter(logging.Formatter):
@@ -91,3 +97,11 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # LitServe gives its logger a handler and format of its own, at import and again when the server
+    # starts: its lines go through ours instead, so the log has one format.
+    import litserve.server
+
+    litserve.server.configure_logging = lambda *args, **kwargs: None
+    library = logging.getLogger("litserve")
+    library.handlers.clear()
+    library.propagate = True

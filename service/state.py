@@ -28,6 +28,7 @@ class SharedState:
         self._cancel_next = _ctx.Value("q", 0)
         # What the worker's engine settled on at start (the slot pool is sized there).
         self._engine_slots = _ctx.RawValue("i", 0)
+        self._engine_where = _ctx.RawArray("c", 64)  # "<device> <dtype>"
         self._stop_workers = _ctx.RawValue("b", 0)
 
     # Admission ---------------------------------------------------------------------------
@@ -89,5 +90,15 @@ class SharedState:
         """Sequences the engine runs at once (0 until a worker is ready)."""
         return self._engine_slots.value
 
-    def set_engine_slots(self, slots: int) -> None:
+    @property
+    def engine_device(self) -> str:
+        """The device the worker's engine runs on ("" until a worker is ready)."""
+        return self._engine_where.value.decode().partition(" ")[0]
+
+    @property
+    def engine_dtype(self) -> str:
+        return self._engine_where.value.decode().partition(" ")[2]
+
+    def set_engine(self, slots: int, device: str, dtype: str) -> None:
         self._engine_slots.value = slots
+        self._engine_where.value = f"{device} {dtype}".encode()[:63]

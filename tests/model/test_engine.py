@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from model.loader import DEFAULT_MODEL_ID, check_can_run
+from model.loader import check_can_run
+from model.official import MODEL_ID
 from model.prompt import render
 from model.tiling import num_tiles
 from tests.model.tiny_helpers import collect, make_job, noise_image, run
@@ -193,10 +194,10 @@ def test_sampler_never_picks_eos_before_min_tokens(engine):
 def test_check_can_run(tiny_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as refused:
-        check_can_run(DEFAULT_MODEL_ID, "auto")
+        check_can_run(MODEL_ID, "auto")
     message = str(refused.value)
     assert "ENABLE_MOCK_INFERENCE=1" in message and "python -m model.tiny" in message
-    check_can_run(DEFAULT_MODEL_ID, "cpu")  # forced onto the CPU: allowed
+    check_can_run(MODEL_ID, "cpu")  # forced onto the CPU: allowed
     check_can_run(str(tiny_path), "auto")  # a tiny local checkpoint runs anywhere
     with pytest.raises(SystemExit, match="no CUDA"):
         check_can_run(str(tiny_path), "cuda")

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.tiling import choose_grid, normalize_tiles, num_tiles, tile_image
+from model.runner import normalize_tiles
+from model.tiling import choose_grid, num_tiles, tile_image
 from service.jobs import to_input
 
 REFERENCE_12 = [((1920, 1080), 9), ((640, 480), 13), ((481, 202), 11), ((2775, 4190), 7), ((1024, 1024), 5)]

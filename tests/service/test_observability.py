@@ -1,0 +1,68 @@
+"""Request ids, access metrics by route, and the log formats (service/observability.py), in process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from service.observability import JsonFormatter, TextFormatter
+from tests.helpers import data_url, nv_ingest_body, png_bytes
+from tests.service.inprocess import InProcessService
+
+
+def requests_total(text: str, route: str, status: str) -> float:
+    # Imported here: prometheus_client must first be imported by service.metrics, which sets its
+    # multiprocess directory (as in the service).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "caption_http_requests_total" and sample.labels == {"route": route, "status": status}:
+                return sample.value
+    return 0.0
+
+
+def test_a_413_before_routing_is_counted_under_its_route():
+    service = InProcessService(max_request_bytes=2048)
+
+    async def scenario():
+        async with service.client() as client:
+            before = (await client.get("/metrics")).text
+            big = nv_ingest_body(data_url(png_bytes()), messages=[{"role": "user", "content": "x" * 4096}])
+            assert (await client.post("/v1/chat/completions", json=big)).status_code == 413
+            assert (await client.post("/no/such/route", content=b"x" * 4096)).status_code == 413
+            after = (await client.get("/metrics")).text
+        for route, delta in (("/v1/chat/completions", 1), ("unmatched", 1)):
+            assert requests_total(after, route, "413") - requests_total(before, route, "413") == delta
+
+    asyncio.run(scenario())
+
+
+def test_a_good_request_id_is_echoed_and_a_bad_one_replaced():
+    service = InProcessService()
+
+    async def scenario():
+        async with service.client() as client:
+            kept = await client.get("/v1/health/live", headers={"X-Request-ID": "abc-123"})
+            replaced = await client.get("/v1/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
+        assert kept.headers["x-request-id"] == "abc-123"
+        assert len(replaced.headers["x-request-id"]) == 32
+
+    asyncio.run(scenario())
+
+
+def test_extra_fields_appear_in_both_formats():
+    record = logging.LogRecord("caption.access", logging.INFO, __file__, 1, "POST %s", ("/v1/x",), None)
+    record.status, record.request_id = 200, "r1"
+    entry = json.loads(JsonFormatter().format(record))
+    assert (entry["message"], entry["status"], entry["request_id"], entry["level"]) == ("POST /v1/x", 200, "r1", "INFO")
+    assert TextFormatter().format(record).endswith("INFO caption.access: POST /v1/x status=200 request_id=r1")
+
+
+def test_uvicorn_colours_stay_out_of_the_log():
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "Started server process [%d]", (7,), None)
+    record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
+    for formatter in (TextFormatter(), JsonFormatter()):
+        line = formatter.format(record)
+        assert "\x1b" not in line and "color_message" not in line
