@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # `python bench/mixed.py`
 
 from bench.images import KINDS, BenchImage, make_image  # noqa: E402
 from bench.run import Sample, add_request_options, build_body, git_commit, percentiles, send  # noqa: E402
+from client import service_urls  # noqa: E402
 
 MAX_TOKENS_CHOICES = (8, 32, 128, 256)
 
@@ -106,7 +107,7 @@ class Driver:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.url = args.url.rstrip("/") + "/v1/chat/completions"
+        self.base_url, self.url = service_urls(args.url)
         self.headers = {"Accept": "application/json"}
         if args.api_key:
             self.headers["Authorization"] = f"Bearer {args.api_key}"
@@ -133,7 +134,7 @@ class Driver:
 
     def metadata(self) -> dict | None:
         try:
-            response = requests.get(self.args.url.rstrip("/") + "/v1/metadata", headers=self.headers, timeout=10)
+            response = requests.get(self.base_url + "/v1/metadata", headers=self.headers, timeout=10)
             return response.json() if response.status_code == 200 else None
         except (requests.RequestException, ValueError):
             return None
@@ -241,7 +242,8 @@ def compare_markdown(results: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Mixed-length throughput and short-request latency under load.")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="service base URL (or its /v1/chat/completions endpoint)")
     p.add_argument("--label", default="", help="stored in the JSON and used as the table's column head")
     p.add_argument("--requests", type=int, default=48, help="mixed-length requests")
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop concurrency of the mixed run")

@@ -3,6 +3,10 @@
     python -m bench.run --url http://127.0.0.1:8000 --concurrency 1,4,16,64 --requests 128 \
         --size 512x512 --max-tokens 128 --out bench/results/1tile
 
+`--url` takes the base URL (`http://host:8000`, `.../v1`) or the `/v1/chat/completions` endpoint, as
+client.py does. Before the sweep it checks that something serves that route, and exits 2 with one message
+if nothing does. A level whose requests all failed reports their errors, not figures.
+
 Closed loop: at level C, C client threads each send their next request as soon as the last one is
 answered, until `--requests` requests have been answered. Per level: captions/s and output tokens/s
 (from `usage.completion_tokens`) over the level's wall time, latency p50/p95/p99 and, with `--stream`,
@@ -35,8 +39,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.images import KINDS, BenchImage, make_image, parse_kinds, parse_size  # noqa: E402
-
-DEFAULT_MODEL = "nvidia/nemotron-nano-12b-v2-vl"
+from client import DEFAULT_MODEL, service_urls  # noqa: E402
 
 
 @dataclass
@@ -153,7 +156,7 @@ def send(session: requests.Session, url: str, body: dict, headers: dict, timeout
 
 def run_level(concurrency: int, plan: Plan, images: dict[int, BenchImage], args: argparse.Namespace,
               headers: dict) -> LevelResult:
-    url = args.url.rstrip("/") + "/v1/chat/completions"
+    url = service_urls(args.url)[1]
     bodies = [build_body(images[i], args) for i in plan.image_ids]
     samples: list[Sample] = []
     errors: dict[str, int] = {}
@@ -199,18 +202,27 @@ def markdown(results: list[LevelResult], stream: bool) -> str:
             "p50 ms", "p95 ms", "p99 ms"]
     if stream:
         head += ["TTFT p50 ms", "TTFT p95 ms", "TTFT p99 ms", "ms/token p50"]
+    head.append("errors")
     rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in results:
-        lat = r.latency_ms or {}
         cells = [str(r.concurrency), str(r.requests), str(r.ok), f"{r.captions_per_s:.2f}",
                  f"{r.output_tokens_per_s:.1f}", f"{r.mean_completion_tokens:.1f}",
-                 *(f"{lat.get(p, float('nan')):.1f}" for p in ("p50", "p95", "p99"))]
+                 *(_ms(r.latency_ms, p) for p in ("p50", "p95", "p99"))]
         if stream:
-            t = r.ttft_ms or {}
-            cells += [f"{t.get(p, float('nan')):.1f}" for p in ("p50", "p95", "p99")]
-            cells.append(f"{(r.itl_ms or {}).get('p50', float('nan')):.2f}")
+            cells += [_ms(r.ttft_ms, p) for p in ("p50", "p95", "p99")]
+            cells.append(_ms(r.itl_ms, "p50", ".2f"))
+        cells.append(error_summary(r.errors) or "-")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def _ms(stats: dict[str, float] | None, key: str, spec: str = ".1f") -> str:
+    """A figure, or '-' where no request gave one (never nan)."""
+    return format(stats[key], spec) if stats and key in stats else "-"
+
+
+def error_summary(errors: dict[str, int]) -> str:
+    return ", ".join(f"{name} x{count}" for name, count in sorted(errors.items()))
 
 
 def plot(results: list[LevelResult], path: Path, title: str) -> None:
@@ -275,35 +287,57 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
     """What every request of a benchmark looks like (shared by the tools in bench/)."""
     p.add_argument("--size", type=parse_size, default=(512, 512),
                    help="image WIDTHxHEIGHT (sets the tile count: 512x512 is 1 tile, 640x480 13)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-tiles", type=int, default=12)
-    p.add_argument("--prompt", default="Caption the content of this image:")
-    p.add_argument("--system-prompt", default="/no_think")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--api-key", default=os.environ.get("NGC_API_KEY") or os.environ.get("NVIDIA_API_KEY"))
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=0, help="image seed: the same seed draws the same images")
+    p.add_argument("--max-num-tiles", type=int, default=12,
+                   help="the server's MAX_NUM_TILES, to report each image's tile count (default: %(default)s)")
+    p.add_argument("--prompt", default="Caption the content of this image:", help="user text (nv-ingest's by default)")
+    p.add_argument("--system-prompt", default="/no_think", help="system message; '' sends none (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the request's model field (default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("NGC_API_KEY") or os.environ.get("NVIDIA_API_KEY"),
+                   help="bearer key (default: $NGC_API_KEY, then $NVIDIA_API_KEY)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: %(default)s)")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Throughput and latency sweep against a running caption service.")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL")
-    p.add_argument("--concurrency", type=parse_levels, default=[1, 4, 16, 64])
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="service base URL (http://host:8000 or .../v1) or its /v1/chat/completions endpoint")
+    p.add_argument("--concurrency", type=parse_levels, default=[1, 4, 16, 64],
+                   help="comma list of levels: requests in flight at once (default: 1,4,16,64)")
     p.add_argument("--requests", type=int, default=128, help="answered requests per concurrency level")
     p.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) before the sweep")
     p.add_argument("--stream", action="store_true", help="use SSE and measure time to first token")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="caption length cap in tokens (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="1.0 is what nv-ingest sends")
     p.add_argument("--ignore-eos", action="store_true", help="fixed-length captions of exactly --max-tokens")
-    p.add_argument("--repeat-fraction", type=float, default=0.0)
-    p.add_argument("--kinds", type=parse_kinds, default=KINDS)
+    p.add_argument("--repeat-fraction", type=float, default=0.0,
+                   help="share of requests that resend an earlier image of the level, in [0, 1) (default: 0)")
+    p.add_argument("--kinds", type=parse_kinds, default=KINDS,
+                   help=f"comma list of image kinds, used in turn (default: {','.join(KINDS)})")
     add_request_options(p)
     p.add_argument("--out", type=Path, help="write results.json, results.md and plot.png here")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not 0.0 <= args.repeat_fraction < 1.0:
         p.error("--repeat-fraction must be in [0, 1)")
     if args.requests < 1:
         p.error("--requests must be >= 1")
+    args.url = service_urls(args.url)[0]  # the base URL, whichever form was given (bench/gpu.py reads it too)
     return args
+
+
+def check_service(url: str, headers: dict) -> str | None:
+    """None when something serves the chat route at `url`, else why not: checked before any image is made."""
+    chat = service_urls(url)[1]
+    try:  # a GET costs the service nothing: 405 (or 401) means the POST route is there, 404 that it is not
+        status = requests.get(chat, headers=headers, timeout=10).status_code
+    except requests.RequestException as exc:
+        return f"no caption service answers at URL: {chat} ({type(exc).__name__})"
+    return f"no caption service answers at URL: {chat} (HTTP 404)" if status == 404 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Accept": "application/json"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
+    problem = check_service(args.url, headers)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(args.seed)
     plans, next_id = [], 1_000_000  # warm-up images use ids below this, so they never count as repeats
     for _ in args.concurrency:
@@ -332,8 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     for level, plan in zip(args.concurrency, plans):
         result = run_level(level, plan, images, args, headers)
         results.append(result)
-        print(f"concurrency {level}: {result.captions_per_s:.2f} captions/s, p50 "
-              f"{result.latency_ms.get('p50', float('nan')):.1f} ms, errors {result.errors or 0}", file=sys.stderr)
+        if result.ok:
+            print(f"concurrency {level}: {result.captions_per_s:.2f} captions/s, "
+                  f"p50 {_ms(result.latency_ms, 'p50')} ms, errors: {error_summary(result.errors) or 'none'}", file=sys.stderr)
+        else:
+            print(f"concurrency {level}: all {result.requests} requests failed: {error_summary(result.errors)}",
+                  file=sys.stderr)
     table = markdown(results, args.stream)
     print(table)
     if args.out:

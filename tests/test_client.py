@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from client import MAX_BASE64_CHARS, encode_png_within, load_image
+import client
+from client import MAX_BASE64_CHARS, encode_png_within, load_image, service_urls
 
 from tests.conftest import API_KEY
-from tests.helpers import ROOT, mock_caption_for
+from tests.helpers import ROOT, free_port, mock_caption_for
 
 
 def _noise(width, height, seed=0) -> Image.Image:
@@ -33,6 +36,87 @@ def test_small_image_is_sent_unchanged_in_size():
     image = Image.new("RGBA", (50, 40), (1, 2, 3, 4))
     shrunk = Image.open(io.BytesIO(base64.b64decode(encode_png_within(image))))
     assert shrunk.size == (50, 40) and shrunk.mode == "RGB"
+
+
+def _photo(width, height, seed=0) -> Image.Image:
+    """Smooth colour fields plus mild noise: compresses like a photo, unlike pure noise."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y), np.sin(4 * (x + y))], axis=-1) * 90 + 128
+    noise = np.random.default_rng(seed).normal(0, 6, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _largest_fitting_width(image, budget) -> int:
+    """Fine search (every width) with the same resampling: what the fast search should come close to."""
+    lo, hi = 1, image.width
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(client._png_b64(client._scaled(image, mid / image.width))) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@pytest.mark.parametrize("make", [_noise, _photo])
+@pytest.mark.parametrize("budget", [40_000, MAX_BASE64_CHARS])
+def test_shrinking_fits_and_stays_close_to_the_largest_size_that_fits(make, budget):
+    image = make(900, 600)
+    encoded, size = client.shrink_to_fit(image, budget)
+    assert len(encoded) <= budget
+    assert Image.open(io.BytesIO(base64.b64decode(encoded))).size == size
+    assert abs(size[0] / size[1] - 1.5) < 0.02
+    assert size[0] >= 0.85 * _largest_fitting_width(image, budget)
+
+
+def test_zero_budget_never_shrinks():
+    image = _noise(400, 300)
+    assert client.shrink_to_fit(image, 0)[1] == (400, 300)
+    assert Image.open(io.BytesIO(base64.b64decode(encode_png_within(image, 0)))).size == (400, 300)
+
+
+@pytest.mark.parametrize("given", [
+    "http://h:8000", "http://h:8000/", "http://h:8000/v1", "http://h:8000/v1/",
+    "http://h:8000/v1/chat/completions", "http://h:8000/v1/chat/completions/", " h:8000/v1 "])
+def test_url_accepts_the_base_or_the_endpoint(given):
+    assert service_urls(given) == ("http://h:8000", "http://h:8000/v1/chat/completions")
+    prefixed = service_urls("https://proxy/prefix/v1")
+    assert prefixed == ("https://proxy/prefix", "https://proxy/prefix/v1/chat/completions")
+
+
+def test_help_describes_every_option():
+    parser = client.build_parser()
+    assert all(action.help for action in parser._actions)
+    text = parser.format_help()
+    assert "--max-base64-chars" in text and "flattened onto white" in text and "shrunk" in text
+
+
+def test_big_image_is_shrunk_with_a_note_unless_the_budget_is_zero(mock_service, tmp_path, capsys):
+    path = tmp_path / "big.png"
+    _noise(400, 300).save(path)  # 480,000 base64 characters: over the budget, under the mock's 1 MiB body limit
+    assert client.main([str(path), "--url", mock_service.url, "--api-key", API_KEY]) == 0
+    out, err = capsys.readouterr()
+    sent = re.search(r"(\d+)x(\d+) pixels", out).groups()
+    assert int(sent[0]) < 400
+    assert err.strip() == f"note: {path}: 400x300 sent as {sent[0]}x{sent[1]} to fit --max-base64-chars 180000 " \
+                          "(0 sends it as is)"
+
+    assert client.main([str(path), "--url", f"{mock_service.url}/v1", "--api-key", API_KEY,
+                        "--max-base64-chars", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "400x300 pixels" in out and err == ""
+
+
+def test_nothing_listening_or_no_chat_route_fails_clearly(mock_service, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(client.time, "sleep", lambda s: None)  # skip the retry back-off
+    path = tmp_path / "a.png"
+    Image.new("RGB", (10, 10)).save(path)
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert client.main([str(path), "--url", dead, "--api-key", API_KEY]) == 1
+    assert f"cannot reach {dead}/v1/chat/completions" in capsys.readouterr().err
+    assert client.main([str(path), "--url", f"{mock_service.url}/elsewhere", "--api-key", API_KEY]) == 1
+    assert f"no caption service answers at {mock_service.url}/elsewhere/v1/chat/completions (HTTP 404)" \
+        in capsys.readouterr().err
 
 
 def _run(args, env_key=None):

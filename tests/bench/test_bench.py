@@ -44,7 +44,7 @@ def test_plan_repeats_only_earlier_images():
 def test_sweep_against_the_mock_service(mock_service, tmp_path):
     from tests.conftest import API_KEY
 
-    code = run.main(["--url", mock_service.url, "--concurrency", "1,3", "--requests", "6", "--max-tokens", "5",
+    code = run.main(["--url", mock_service.chat_url, "--concurrency", "1,3", "--requests", "6", "--max-tokens", "5",
                      "--stream", "--repeat-fraction", "0.3", "--warmup", "1", "--api-key", API_KEY,
                      "--out", str(tmp_path)])
     assert code == 0
@@ -60,9 +60,35 @@ def test_sweep_against_the_mock_service(mock_service, tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sweep_counts_failures(mock_service, tmp_path):
-    code = run.main(["--url", mock_service.url, "--concurrency", "2", "--requests", "4", "--warmup", "0",
-                     "--api-key", "wrong-key", "--out", str(tmp_path)])
+def test_sweep_counts_failures(mock_service, tmp_path, capsys):
+    code = run.main(["--url", f"{mock_service.url}/v1", "--concurrency", "2", "--requests", "4", "--warmup", "0",
+                     "--stream", "--api-key", "wrong-key", "--out", str(tmp_path)])
     assert code == 1  # every request failed
     level = json.loads((tmp_path / "results.json").read_text())["levels"][0]
     assert level["ok"] == 0 and level["errors"] == {"HTTP 401": 4}
+    out, err = capsys.readouterr()
+    assert "concurrency 2: all 4 requests failed: HTTP 401 x4" in err
+    assert "| 2 | 4 | 0 |" in out and "| HTTP 401 x4 |" in out
+    assert "nan" not in out + err + (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("given", ["http://h:8000", "http://h:8000/v1/", "http://h:8000/v1/chat/completions"])
+def test_url_accepts_the_base_or_the_endpoint(given):
+    assert run.parse_args(["--url", given]).url == "http://h:8000"
+
+
+def test_no_service_stops_before_the_sweep_with_one_message(mock_service, capsys):
+    from tests.helpers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert run.main(["--url", dead, "--requests", "2", "--warmup", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"error: no caption service answers at URL: {dead}/v1/chat/completions (ConnectionError)\n"
+    assert run.main(["--url", f"{mock_service.url}/elsewhere", "--requests", "2", "--warmup", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "no caption service answers at URL" in err and "(HTTP 404)" in err and "nan" not in err
+
+
+def test_help_describes_every_option():
+    assert all(action.help for action in run.build_parser()._actions)
