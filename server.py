@@ -16,7 +16,7 @@ from typing import Optional
 import litserve as ls
 from fastapi import Request
 from starlette.middleware.cors import CORSMiddleware
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.request import EngineRequest, RequestOutput
@@ -29,7 +29,7 @@ from service.errors import install_error_handlers
 from service.engine_loop import EngineLoop
 from service.jobs import JobLimits, PromptCheck, QueuedJob
 from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_stop_signals_in_worker, install_drain, watch_workers
-from service.observability import RequestContextMiddleware, configure_logging
+from service.observability import RequestContextMiddleware, configure_logging, one_line
 from service.remote_images import RemoteImagePolicy
 from service.routes import ServiceInfo
 from service.spec import CaptionSpec
@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     mock_token_delay: float = Field(0.0, ge=0, description="seconds per mock decoding step")
     model_id: str = MODEL_ID
     model_revision: Optional[str] = None
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")
     max_num_tiles: int = Field(12, ge=1, le=12)
     nim_served_model_name: str = SERVED_MODEL_NAME
     max_model_len: int = Field(16384, ge=64, description="prompt plus output tokens of one request (the size "
@@ -155,23 +155,29 @@ class CaptionAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         ignore_stop_signals_in_worker()
+        configure_logging(self.settings.log_level, self.settings.log_format)  # a spawned worker starts bare
+        try:
+            self.engine = self._build_engine(device)
+        except Exception as exc:  # noqa: BLE001 - one line for the operator; the traceback only at DEBUG
+            logger.error("the model could not be loaded: %s", one_line(exc), exc_info=logger.isEnabledFor(logging.DEBUG))
+            raise SystemExit(1) from None  # the main process sees the worker gone and exits non-zero
+        runner = self.engine.runner
+        self.shared.set_engine(self.engine.scheduler.num_slots, str(runner.device), str(runner.dtype).removeprefix("torch."))
+
+    def _build_engine(self, device: str):
         s = self.settings
-        configure_logging(s.log_level, s.log_format)  # a spawned worker starts with Python's defaults
         if s.enable_mock_inference:
             from model.mock import mock_engine
 
-            self.engine = mock_engine(s.max_batch_size, s.max_model_len, s.max_prefill_tokens, s.mock_token_delay)
-        else:
-            from model.engine import load_engine
+            return mock_engine(s.max_batch_size, s.max_model_len, s.max_prefill_tokens, s.mock_token_delay)
+        from model.engine import load_engine
 
-            # DEVICE=auto takes the device LitServe gives this worker ("cuda:N" or "cpu").
-            self.engine = load_engine(s.model_id, s.model_revision, device=device if s.device == "auto" else s.device,
-                                      dtype=s.dtype, max_num_tiles=s.max_num_tiles, max_running=s.max_batch_size,
-                                      max_seq_len=s.max_model_len, max_prefill_tokens=s.max_prefill_tokens,
-                                      ssm_dtype=s.ssm_state_dtype, memory_fraction=s.gpu_memory_utilization,
-                                      load_format=s.load_format, enforce_eager=s.enforce_eager)
-        runner = self.engine.runner
-        self.shared.set_engine(self.engine.scheduler.num_slots, str(runner.device), str(runner.dtype).removeprefix("torch."))
+        # DEVICE=auto takes the device LitServe gives this worker ("cuda:N" or "cpu").
+        return load_engine(s.model_id, s.model_revision, device=device if s.device == "auto" else s.device,
+                           dtype=s.dtype, max_num_tiles=s.max_num_tiles, max_running=s.max_batch_size,
+                           max_seq_len=s.max_model_len, max_prefill_tokens=s.max_prefill_tokens,
+                           ssm_dtype=s.ssm_state_dtype, memory_fraction=s.gpu_memory_utilization,
+                           load_format=s.load_format, enforce_eager=s.enforce_eager)
 
     def authorize(self, request: Request) -> None:
         self.auth.check(request)
@@ -208,14 +214,24 @@ def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
     return server
 
 
+def read_settings() -> Settings:
+    """The settings, or an exit with one line per bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+        raise SystemExit("configuration error: " + "; ".join(lines)) from None
+
+
 def main() -> None:
-    settings = Settings()
+    settings = read_settings()
     configure_logging(settings.log_level, settings.log_format)
     metrics.clear_stale_files()
     if not settings.enable_mock_inference:
-        from model.loader import check_can_run
+        from model.loader import check_can_run, check_model_source
 
         check_can_run(settings.model_id, settings.device)
+        check_model_source(settings.model_id, settings.model_revision)
     logger.info("serving %s as '%s' (mock=%s, max_batch_size=%d, max_model_len=%d, max_prefill_tokens=%d)",
                 settings.model_id, settings.nim_served_model_name, settings.enable_mock_inference,
                 settings.max_batch_size, settings.max_model_len, settings.max_prefill_tokens)

@@ -85,6 +85,36 @@ def check_model_folder(model_id: str) -> None:
                          "(python -m model.tiny DIR writes a small one for trying the service on a CPU)")
 
 
+def check_model_source(model_id: str, revision: str | None = None) -> None:
+    """A hub MODEL_ID must be in the download cache or on a reachable hub: say which problem it is, in one
+    line, before any worker starts (the worker's download would otherwise fail deep in a traceback)."""
+    if Path(model_id).expanduser().is_dir():
+        return
+    from huggingface_hub import HfApi, constants, errors, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(model_id, "config.json", revision=revision), str):
+            return  # downloaded before: the worker loads it from the cache
+        HfApi().model_info(model_id, revision=revision, timeout=15, token=os.environ.get("HF_TOKEN") or None)
+    except errors.HFValidationError:
+        problem = "not a folder here, nor a valid hub id (owner/name)"
+    except errors.GatedRepoError:
+        problem = "the hub grants access to this model only with a token that was granted it: set HF_TOKEN"
+    except errors.RepositoryNotFoundError:
+        problem = "no such model on the hub (check the spelling; a private model needs HF_TOKEN)"
+    except errors.RevisionNotFoundError:
+        problem = f"the hub has no revision MODEL_REVISION={revision}"
+    except errors.OfflineModeIsEnabled:
+        problem = f"not in the download cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"
+    except Exception as exc:  # noqa: BLE001 - any network failure: the advice is the same
+        problem = (f"not in the download cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached "
+                   f"({type(exc).__name__})")
+    else:
+        return
+    raise SystemExit(f"MODEL_ID={model_id}: {problem}. Point MODEL_ID at a local checkpoint folder, or fill the "
+                     "cache (HF_HOME) where the hub is reachable.")
+
+
 def resolve_model_path(model_id: str, revision: str | None = None, local_only: bool = False) -> Path:
     """A local folder is used as is; anything else is downloaded (with progress bars) from the hub, or
     with `local_only` taken from the download cache alone."""

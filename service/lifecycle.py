@@ -81,12 +81,17 @@ def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seco
             if _stopping.is_set():
                 return
             dead = [p for p in server.inference_workers if not p.is_alive()]
-            if dead:  # during a drain too: its requests must not hang
+            if dead and not shared.engine_slots:  # its setup failed, and said why above
+                logger.error("the inference worker stopped before it was ready (exit code %s); exiting with code %d",
+                             dead[0].exitcode, WORKER_DIED_EXIT_CODE)
+            elif dead:  # during a drain too: its requests must not hang
                 logger.error("inference worker %s (pid %s) died with exit code %s; failing in-flight "
                              "requests and exiting with code %d", dead[0].name, dead[0].pid, dead[0].exitcode,
                              WORKER_DIED_EXIT_CODE)
+            if dead:
                 shared.mark_worker_dead()
-                time.sleep(flush_seconds)  # the API servers answer their waiting requests with 503
+                if shared.engine_slots:
+                    time.sleep(flush_seconds)  # the API servers answer their waiting requests with 503
                 server._shutdown_event.set()  # run() returns and LitServe stops its processes
                 return
             gone = [p for p in api_servers if not p.is_alive()]

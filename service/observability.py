@@ -105,3 +105,9 @@ def configure_logging(level: str, fmt: str) -> None:
     library = logging.getLogger("litserve")
     library.handlers.clear()
     library.propagate = True
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one log line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
