@@ -73,7 +73,7 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
             if isinstance(part, ImageContent):
                 if role != "user":
                     raise APIError(400, f"images are only accepted in user messages, not in a {msg.role} "
-                                        "message", param=f"messages.{i}.content.{j}")
+                                        "message", param=f"messages.{i}.content.{j}", code="invalid_request")
                 n_images += 1
                 if n_images > limits.max_images:
                     raise APIError(400, f"too many images: at most {limits.max_images} per request "
@@ -106,7 +106,8 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                             f"{limits.max_prompt_chars} (MAX_PROMPT_CHARS)", param="messages",
                        code="prompt_too_long")
     if not any(m.role == "user" for m in messages):
-        raise APIError(400, "messages must contain at least one user message", param="messages")
+        raise APIError(400, "messages must contain at least one user message", param="messages",
+                       code="invalid_request")
     job = EngineRequest(request_id, messages, _sampling(request, limits), priority=request.priority,
                         enable_thinking=request.enable_thinking)
     _check_fits(job, limits)

@@ -50,3 +50,15 @@ def test_pixel_limit_above_pillows_default_is_honoured():
         decode_data_url(data_url(bytes(raw)), max_pixels=50_000_000)
     with pytest.raises(ImageError, match="truncated or corrupt"):  # allowed size: fails later, on the data
         decode_data_url(data_url(bytes(raw)), max_pixels=200_000_000)
+
+
+def test_one_image_s_small_budget_does_not_limit_other_images():
+    """Budgets are per request: the threads that decode and tile other requests' images never see it."""
+    from PIL import Image
+
+    from model.images import decode_image_bytes
+    from model.tiling import tile_image
+
+    with pytest.raises(ImageError, match="over the limit of 100 pixels"):
+        decode_image_bytes(png_bytes(64, 48), 100)
+    assert len(tile_image(Image.new("RGB", (640, 480)), 12)) == 13
