@@ -8,7 +8,7 @@ accepts that (nv-ingest always sends temperature 1.0, so without it the cache ne
 Key: SHA-256 over every message in order (role, text, and for each image its mode, size and decoded
 pixels) plus the settings that change the output. Pixels rather than the base64 payload, so the same
 image re-encoded (another PNG compressor, a data-URL line wrap) still hits. For greedy requests
-`top_p` and `seed` are left out: greedy decoding never reads them (model/sampling.py).
+`top_p` and `seed` are left out: greedy decoding never reads them (engine/sampler.py).
 
 Single-flight: the first caller of a key starts `compute()` in its own task; identical requests that
 arrive while it runs await that task instead of queueing a second generation. On failure every waiter
@@ -80,23 +80,14 @@ class CaptionCache(Generic[Result]):
     """LRU cache + single-flight, for one asyncio event loop (not thread-safe: call from the loop only)."""
 
     def __init__(self, size: int = 0, cache_sampled: bool = False,
-                 leader_only_errors: tuple[type[BaseException], ...] = (),
-                 should_store: Callable[[Result], bool] | None = None):
+                 leader_only_errors: tuple[type[BaseException], ...] = ()):
         if size < 0:
             raise ValueError("CAPTION_CACHE_SIZE must be >= 0")
         self.size = size
         self.cache_sampled = cache_sampled
         self.leader_only_errors = leader_only_errors
-        self.should_store = should_store  # e.g. refuse results cut short by a deadline
         self._entries: OrderedDict[str, Result] = OrderedDict()
         self._flights: dict[str, _Flight] = {}
-        # Counters, plain ints for a metrics exporter. hits + coalesced + misses = cacheable requests.
-        self.hits = 0          # answered from a stored result
-        self.coalesced = 0     # answered by joining an identical request already generating
-        self.misses = 0        # generations started (leaders)
-        self.uncacheable = 0   # requests get_or_compute ran without the cache (key None or cache off)
-        self.evictions = 0
-        self.errors = 0        # generations that raised (their result was not stored)
 
     @property
     def enabled(self) -> bool:
@@ -122,33 +113,18 @@ class CaptionCache(Generic[Result]):
         """Whether a request with this key would be answered without a new generation."""
         return key is not None and (key in self._entries or key in self._flights)
 
-    def get(self, key: str) -> Result | None:
-        """Stored result (refreshing its recency), without counting; None when absent."""
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        return None
-
-    def clear(self) -> None:
-        self._entries.clear()
-
     async def get_or_compute(self, key: str | None, compute: Callable[[], Awaitable[Result]]) -> Result:
         if key is None or not self.enabled:
-            self.uncacheable += 1
             return await compute()
         while True:
             if key in self._entries:
-                self.hits += 1
                 self._entries.move_to_end(key)
                 return self._entries[key]
             flight = self._flights.get(key)
             leader = flight is None
             if leader:
-                self.misses += 1
                 flight = _Flight(asyncio.ensure_future(self._run(key, compute)))
                 self._flights[key] = flight
-            else:
-                self.coalesced += 1
             flight.waiters += 1
             try:
                 # shield: one caller's cancellation must not cancel the work others wait for.
@@ -172,16 +148,10 @@ class CaptionCache(Generic[Result]):
     async def _run(self, key: str, compute: Callable[[], Awaitable[Result]]) -> Result:
         try:
             result = await compute()
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            self.errors += 1
-            raise
         finally:
             if self._flights.get(key) is not None and self._flights[key].task is asyncio.current_task():
                 del self._flights[key]
-        if self.should_store is None or self.should_store(result):
-            self._store(key, result)
+        self._store(key, result)
         return result
 
     def _store(self, key: str, result: Result) -> None:
@@ -189,7 +159,6 @@ class CaptionCache(Generic[Result]):
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
-            self.evictions += 1
 
 
 def _current_task_cancelling() -> bool:
