@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tomllib
 
 from litserve.utils import WorkerSetupStatus
 
-from tests.helpers import data_url, nv_ingest_body, png_bytes
+from tests.helpers import ROOT, data_url, nv_ingest_body, png_bytes
 from tests.service.inprocess import InProcessService
 
 BODY = nv_ingest_body(data_url(png_bytes(64, 48)), temperature=0)
@@ -191,6 +192,7 @@ def test_metadata_reports_what_the_worker_runs_and_version_the_release():
         async with service.client() as client:
             meta = (await client.get("/v1/metadata")).json()
             assert (meta["device"], meta["dtype"], meta["max_running_sequences"]) == ("cpu", "float32", 5)
-            assert (await client.get("/v1/version")).json() == {"release": "0.1.0", "api": "1.0.0"}
+            release = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+            assert (await client.get("/v1/version")).json() == {"release": release, "api": "1.0.0"}
 
     run(scenario())
