@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -41,22 +41,6 @@ def with_images(*urls: str) -> dict:
     return body(messages=[{"role": "user", "content": content}])
 
 
-async def held(service: InProcessService, client, count: int = 1) -> list[asyncio.Future]:
-    """Requests that run until they are cancelled (the mock takes a while per token)."""
-    long = body(max_tokens=1000, min_tokens=1000, ignore_eos=True)
-    futures = [asyncio.ensure_future(client.post("/v1/chat/completions", json=long)) for _ in range(count)]
-    await until(lambda: service.shared.in_flight == count)
-    return futures
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 def failing_prefill(error: Exception) -> Callable:
     def prepare(service: InProcessService) -> None:
         runner = service.api.engine.runner
@@ -70,8 +54,7 @@ def failing_prefill(error: Exception) -> Callable:
     return prepare
 
 
-# How each row is provoked: settings, an optional step before the request, and the request.
-Post = Callable[..., Awaitable]
+# How each row is provoked: settings, steps before and while requests run, and the request.
 CASES: dict[str, dict] = {
     "Body over the size limit": dict(settings={"max_request_bytes": 4096}, body=body(stop=["x" * 5000])),
     "Body is not JSON": dict(raw=b"{not json"),
@@ -142,7 +125,8 @@ def test_the_row_is_true(situation, tiny_path):
         async with service.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
             if "before" in case:
                 case["before"](service)
-            holding = await held(service, client, case["hold"]) if "hold" in case else []
+            long = body(max_tokens=1000, min_tokens=1000, ignore_eos=True)
+            holding = await service.started(client, long, case["hold"]) if "hold" in case else []
             headers = case.get("headers", {})
             if "during" in case:
                 case["during"](service)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from contextlib import asynccontextmanager
 
 import httpx
@@ -77,3 +78,16 @@ class InProcessService:
                 loop.run(self.api, "cpu", 0, self.spec.request_queue, transport, {}, None)
             except SystemExit:
                 return
+
+    async def started(self, client, body: dict, count: int = 1) -> list[asyncio.Future]:
+        """`count` requests sent and admitted (they hold their places until they finish or are cancelled)."""
+        futures = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body)) for _ in range(count)]
+        await until(lambda: self.shared.in_flight == count)
+        return futures
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

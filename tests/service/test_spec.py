@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import tomllib
 
 from litserve.utils import WorkerSetupStatus
 
 from tests.helpers import ROOT, data_url, nv_ingest_body, png_bytes
-from tests.service.inprocess import InProcessService
+from tests.service.inprocess import InProcessService, until
 
 BODY = nv_ingest_body(data_url(png_bytes(64, 48)), temperature=0)
 
@@ -22,13 +21,6 @@ def long_body(tokens: int = 400) -> dict:
 
 def run(coro):
     return asyncio.run(coro)
-
-
-async def until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 def sse_events(text: str) -> list:
@@ -94,8 +86,7 @@ def test_draining_refuses_new_requests_and_finishes_admitted_ones():
 
     async def scenario():
         async with service.client() as client:
-            running = asyncio.ensure_future(client.post("/v1/chat/completions", json=long_body(50)))
-            await until(lambda: service.api.engine.has_unfinished())
+            (running,) = await service.started(client, long_body(50))
             service.shared.start_draining()
             refused = await client.post("/v1/chat/completions", json=BODY)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "service_unavailable"
@@ -112,9 +103,7 @@ def test_exactly_the_limit_is_admitted():
 
     async def scenario():
         async with service.client() as client:
-            held = [asyncio.ensure_future(client.post("/v1/chat/completions", json=long_body(100)))
-                    for _ in range(limit)]
-            await until(lambda: service.shared.in_flight == limit)
+            held = await service.started(client, long_body(100), limit)
             refused = await client.post("/v1/chat/completions", json=BODY)
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "queue_full"
@@ -156,8 +145,7 @@ def test_a_dead_worker_fails_requests_in_flight_with_503():
 
     async def scenario():
         async with service.client() as client:
-            running = asyncio.ensure_future(client.post("/v1/chat/completions", json=long_body(1000)))
-            await until(lambda: service.api.engine.has_unfinished())
+            (running,) = await service.started(client, long_body(1000))
             service.shared.mark_worker_dead()
             failed = await running
             assert failed.status_code == 503 and failed.json()["error"]["code"] == "worker_unavailable"
