@@ -30,6 +30,10 @@ _TYPES = {
 }
 
 
+class ImageError(ValueError):
+    """An image that cannot be used; the message is safe to show to the client (400 invalid_image)."""
+
+
 class APIError(Exception):
     """An error answered to the client; safe to pickle across LitServe's worker processes."""
 

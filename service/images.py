@@ -1,8 +1,8 @@
-"""Image URLs to RGB Pillow images, with every failure named.
+"""Image URLs to RGB Pillow images, in the API-server process, with every failure named.
 
 nv-ingest sends `data:image/png;base64,...`; the `openai` client and curl users send PNG or JPEG
-data URLs too. Anything else is refused with a message that says what was wrong, never echoing
-the payload back.
+data URLs too; `http(s)://` URLs are fetched only when the operator allows it (service/remote_images.py).
+Anything else is refused with a message that says what was wrong, never echoing the payload back.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from service.errors import ImageError
+from service.remote_images import REMOTE_DISABLED, RemoteImagePolicy, fetch_image
 
 SUPPORTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg"}
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
@@ -27,8 +30,15 @@ _MIME_ALIASES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", 
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageError(ValueError):
-    """The image cannot be used; the message is safe to show to the client."""
+def image_from_url(url: str, max_pixels: int, policy: RemoteImagePolicy,
+                   limit_name: str = "MAX_IMAGE_PIXELS") -> Image.Image:
+    """Every image URL of a request: a data URL decoded, an http(s) URL fetched per the policy, then decoded.
+    `max_pixels` (named `limit_name` in errors) bounds the decoded image, checked on its header."""
+    if not url.startswith(("http://", "https://")):
+        return decode_data_url(url, max_pixels, limit_name)
+    if not policy.enabled:
+        raise ImageError(REMOTE_DISABLED)
+    return decode_image_bytes(fetch_image(url, policy), max_pixels, limit_name)
 
 
 def decode_data_url(url: str, max_pixels: int, limit_name: str = "MAX_IMAGE_PIXELS") -> Image.Image:

@@ -18,11 +18,11 @@ from PIL import Image
 
 from engine.request import EngineRequest, ImageInput, ImagePart, Message, SamplingParams, TextPart
 from engine.runner import SpecialTokenInText
-from model.images import ImageError
 from model.tiling import IMAGE_TOKENS_PER_TILE, tile_image
-from service.errors import APIError
+from service.errors import APIError, ImageError
+from service.images import image_from_url
 from service.protocol import ChatCompletionRequest, ImageContent
-from service.remote_images import RemoteImagePolicy, load_image
+from service.remote_images import RemoteImagePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def build_job(request: ChatCompletionRequest, limits: JobLimits, request_id: str
                 if pixels_left < budget:
                     budget, name = max(1, pixels_left), "what is left of MAX_REQUEST_PIXELS for this image"
                 try:
-                    image = load_image(part.url, budget, limits.remote_images, name)
+                    image = image_from_url(part.url, budget, limits.remote_images, name)
                 except ImageError as exc:
                     raise APIError(400, f"messages[{i}].content[{j}]: {exc}",
                                    param=f"messages.{i}.content.{j}.image_url", code="invalid_image") from None

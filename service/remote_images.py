@@ -20,9 +20,8 @@ from urllib.parse import urljoin, urlsplit
 
 import certifi
 import urllib3
-from PIL import Image
 
-from model.images import ImageError, decode_data_url, decode_image_bytes
+from service.errors import ImageError
 
 REMOTE_DISABLED = ("remote image URLs are disabled on this server (the operator can enable them with "
                    "ALLOW_REMOTE_IMAGES=1); send the image inline as a data:image/png;base64,... URL")
@@ -61,16 +60,6 @@ class RemoteImagePolicy:
             return True
         host = host.lower().rstrip(".")
         return any(host == h or (h.startswith("*.") and host.endswith(h[1:])) for h in self.hosts)
-
-
-def load_image(url: str, max_pixels: int, policy: RemoteImagePolicy,
-               limit_name: str = "MAX_IMAGE_PIXELS") -> Image.Image:
-    """What `build_job` calls for every image URL: data URLs as before, http(s) per the policy."""
-    if not url.startswith(("http://", "https://")):
-        return decode_data_url(url, max_pixels, limit_name)
-    if not policy.enabled:
-        raise ImageError(REMOTE_DISABLED)
-    return decode_image_bytes(fetch_image(url, policy), max_pixels, limit_name)
 
 
 def is_public_address(addr: IPAddress) -> bool:

@@ -2,7 +2,8 @@ import base64
 
 import pytest
 
-from model.images import ImageError, decode_data_url
+from service.errors import ImageError
+from service.images import decode_data_url
 from tests.helpers import data_url, png_bytes
 
 
@@ -56,7 +57,7 @@ def test_one_image_s_small_budget_does_not_limit_other_images():
     """Budgets are per request: the threads that decode and tile other requests' images never see it."""
     from PIL import Image
 
-    from model.images import decode_image_bytes
+    from service.images import decode_image_bytes
     from model.tiling import tile_image
 
     with pytest.raises(ImageError, match="over the limit of 100 pixels"):

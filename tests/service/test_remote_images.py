@@ -15,9 +15,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from model.images import ImageError
+from service.errors import ImageError
+from service import images
+from service.images import image_from_url
 from service import remote_images
-from service.remote_images import RemoteImagePolicy, fetch_image, is_public_address, load_image
+from service.remote_images import RemoteImagePolicy, fetch_image, is_public_address
 from tests.helpers import png_bytes
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -112,15 +114,15 @@ def _loopback_fetch(url: str, policy: RemoteImagePolicy = ENABLED, resolved: lis
 # Off by default --------------------------------------------------------------------------------------
 def test_refused_by_default_with_a_message_saying_how_to_enable(server):
     with pytest.raises(ImageError, match=r"ALLOW_REMOTE_IMAGES=1"):
-        load_image(f"http://127.0.0.1:{server}/cat.png", 10**8, RemoteImagePolicy())
+        image_from_url(f"http://127.0.0.1:{server}/cat.png", 10**8, RemoteImagePolicy())
     with pytest.raises(ImageError, match=r"ALLOW_REMOTE_IMAGES=1"):
-        load_image("https://example.com/cat.png", 10**8, RemoteImagePolicy())
+        image_from_url("https://example.com/cat.png", 10**8, RemoteImagePolicy())
     assert _Handler.hits == []
 
 
 def test_data_urls_still_decode():
     from tests.helpers import data_url
-    assert load_image(data_url(PNG), 10**8, RemoteImagePolicy()).size == (40, 30)
+    assert image_from_url(data_url(PNG), 10**8, RemoteImagePolicy()).size == (40, 30)
 
 
 # Fetching (through the loopback seam) ----------------------------------------------------------------
@@ -131,9 +133,9 @@ def test_fetches_from_the_pinned_address_with_the_original_host_header(server):
     assert _Handler.hits == [("/cat.png", f"images.test:{server}")]
 
 
-def test_load_image_decodes_a_fetched_image(server, monkeypatch):
-    monkeypatch.setattr(remote_images, "fetch_image", functools.partial(_loopback_fetch))
-    image = load_image(f"http://images.test:{server}/cat.png", 10**8, ENABLED)
+def test_image_from_url_decodes_a_fetched_image(server, monkeypatch):
+    monkeypatch.setattr(images, "fetch_image", functools.partial(_loopback_fetch))
+    image = image_from_url(f"http://images.test:{server}/cat.png", 10**8, ENABLED)
     assert image.size == (40, 30) and image.mode == "RGB"
 
 
