@@ -25,6 +25,16 @@ def png_bytes(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str 
     return buf.getvalue()
 
 
+def noise_png(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """An image of random pixels (PNG by default): every tile differs, and it compresses badly (long base64)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
 def data_url(raw: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
 
@@ -47,6 +57,37 @@ def nv_ingest_body(url: str, **overrides) -> dict:
     }
     body.update(overrides)
     return body
+
+
+def metric_values(service: "Service") -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def decode_steps_since(service: "Service", before: dict[tuple, float], rows: int, timeout: float = 10.0):
+    """(rows decoded, engine steps that decoded, steps that decoded more than one sequence together) since
+    `before` (a `metric_values` reading), from the `caption_batch_size` histogram (one observation per step,
+    of its decoding rows). The worker records a step after sending its output, so this waits (up to `timeout`)
+    until `rows` rows are counted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = metric_values(service)
+        delta = {key: after.get(key, 0) - before.get(key, 0) for key in (
+            ("caption_batch_size_sum", ()), ("caption_batch_size_count", ()),
+            ("caption_batch_size_bucket", (("le", "1.0"),)))}
+        if delta[("caption_batch_size_sum", ())] >= rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    steps = delta[("caption_batch_size_count", ())]
+    single = delta[("caption_batch_size_bucket", (("le", "1.0"),))]
+    return delta[("caption_batch_size_sum", ())], steps, steps - single
 
 
 def free_port() -> int:
@@ -132,9 +173,70 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def mock_caption_for(image) -> str:
-    """The mock engine's caption of a decoded image, as the service would tile it (MAX_NUM_TILES=12)."""
-    from model.mock import describe
-    from service.jobs import to_input
+# --- The mock's caption, computed here without the service's or the model's code ------------------------
+#
+# model/mock.py captions each image from what the engine receives: the decoded image's size, and its tiles as
+# the service cuts them (InternVL dynamic tiling into 512x512 tiles, PIL bicubic, plus a whole-image thumbnail
+# when there is more than one tile). Its caption reads
+#     "A {bright|dark} {wide|tall|square} image of {W}x{H} pixels with mean colour #{rrggbb}
+#      and content hash {first 10 hex digits of sha256(tiles as uint8 bytes + b"WxH")}."
+# where the mean colour is the per-channel mean of the last tile (the thumbnail, or the only tile), rounded,
+# and "bright" means the mean of that colour's three channels is at least 128. What follows re-implements
+# that from the raw image with PIL, numpy and hashlib only, so that a bug in the service's decoding, tiling
+# or the mock shows as a difference instead of on both sides of the comparison.
 
-    return describe(to_input(image, 12))
+_TILE = 512
+
+
+def _grid(width: int, height: int, max_tiles: int) -> tuple[int, int]:
+    """(columns, rows) of tiles: the grid of at most `max_tiles` tiles whose aspect ratio is closest to the
+    image's; among grids equally close, a larger one is taken only when the image covers more than half of
+    it (InternVL's `find_closest_aspect_ratio`)."""
+    grids = sorted({(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles},
+                   key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for c, r in grids:
+        diff = abs(width / height - c / r)
+        if diff < best_diff or (diff == best_diff and width * height > 0.5 * _TILE * _TILE * c * r):
+            best, best_diff = (c, r), min(diff, best_diff)
+    return best
+
+
+def expected_tiles(width: int, height: int, max_tiles: int = 12) -> int:
+    """How many 512x512 tiles (thumbnail included) the model sees for an image of this size."""
+    c, r = _grid(width, height, max_tiles)
+    return c * r + (1 if c * r > 1 else 0)
+
+
+def _decoded(image) -> Image.Image:
+    """A PIL image, raw PNG/JPEG bytes or a base64 data URL -> the RGB image (alpha onto white)."""
+    if isinstance(image, str):
+        image = base64.b64decode(image.split(",", 1)[1])
+    if isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    if image.mode in ("RGBA", "LA"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def mock_caption_for(image, max_tiles: int = 12) -> str:
+    """The mock engine's caption of one image (a PIL image, raw PNG/JPEG bytes, or a data URL), as a server
+    with MAX_NUM_TILES=`max_tiles` cuts it; computed without model/ or service/ code (see above)."""
+    import hashlib
+
+    import numpy as np
+
+    image = _decoded(image)
+    w, h = image.size
+    cols, rows = _grid(w, h, max_tiles)
+    grid = np.asarray(image.resize((cols * _TILE, rows * _TILE), Image.Resampling.BICUBIC), dtype=np.uint8)
+    tiles = [grid[r * _TILE:(r + 1) * _TILE, c * _TILE:(c + 1) * _TILE] for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(np.asarray(image.resize((_TILE, _TILE), Image.Resampling.BICUBIC), dtype=np.uint8))
+    digest = hashlib.sha256(np.ascontiguousarray(np.stack(tiles)).tobytes() + f"{w}x{h}".encode()).hexdigest()
+    red, green, blue = (int(round(v)) for v in tiles[-1].reshape(-1, 3).mean(axis=0, dtype=np.float64))
+    tone = "bright" if (red + green + blue) / 3 >= 128 else "dark"
+    shape = "wide" if w > h else "tall" if h > w else "square"
+    return (f"A {tone} {shape} image of {w}x{h} pixels with mean colour #{red:02x}{green:02x}{blue:02x} "
+            f"and content hash {digest[:10]}.")

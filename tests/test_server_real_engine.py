@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.helpers import MODEL_NAME, Service, data_url, nv_ingest_body
+from tests.helpers import (MODEL_NAME, Service, data_url, decode_steps_since, expected_tiles, metric_values,
+                           nv_ingest_body)
 
 
 def noise_url(width, height, seed) -> str:
@@ -47,10 +48,27 @@ def concurrently(service, bodies):
         return list(pool.map(lambda b: post(service, b), bodies))
 
 
+def batched_concurrently(service, bodies):
+    """`concurrently`, checking from /metrics that the engine decoded several of these requests together:
+    every token after a request's first (which its prefill yields) is one decoding row, and some engine
+    step held more than one row (requests run one after another never do)."""
+    before = metric_values(service)
+    results = concurrently(service, bodies)
+    rows = sum(r["usage"]["completion_tokens"] - 1 for r in results)
+    decoded, steps, batched = decode_steps_since(service, before, rows)
+    assert decoded == rows, (decoded, rows)
+    assert batched >= 1 and steps < rows, f"no step decoded two of these requests together ({steps} steps)"
+    return results
+
+
 def test_nv_ingest_request_and_prompt_tokens_follow_tiles(tiny_service):
     result = post(tiny_service, nv_ingest_body(noise_url(640, 480, 9), max_tokens=8))
     assert isinstance(result["choices"][0]["message"]["content"], str)
-    assert result["choices"][0]["finish_reason"] in ("stop", "length")
+    # "length" exactly when max_tokens cut it; EOS (counted, as vLLM does) ends it otherwise.
+    completion = result["usage"]["completion_tokens"]
+    assert 1 <= completion <= 8
+    assert result["choices"][0]["finish_reason"] == ("length" if completion == 8 else "stop")
+    assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + completion
     one_tile = post(tiny_service, nv_ingest_body(noise_url(512, 512, 9), max_tokens=8))
     # 640x480 is 12 tiles + thumbnail = 13 tiles, 512x512 is one: 12 x 256 more image tokens.
     assert result["usage"]["prompt_tokens"] - one_tile["usage"]["prompt_tokens"] == 12 * 256
@@ -58,7 +76,7 @@ def test_nv_ingest_request_and_prompt_tokens_follow_tiles(tiny_service):
 
 def test_greedy_batched_equals_unbatched(tiny_service):
     alone = [post(tiny_service, body(i)) for i in range(4)]
-    together = concurrently(tiny_service, [body(i) for i in range(4)])
+    together = batched_concurrently(tiny_service, [body(i) for i in range(4)])
     for a, t in zip(alone, together):
         assert a["choices"][0]["message"]["content"] == t["choices"][0]["message"]["content"]
         assert a["usage"] == t["usage"]
@@ -71,7 +89,7 @@ def test_per_request_settings_inside_one_batch(tiny_service):
     sampled = body(1, temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
     bodies = [body(0, max_tokens=3), body(0, max_tokens=12, stop=[stop_at]), sampled, sampled,
               body(2, max_tokens=5)]
-    short, stopped, seeded_a, seeded_b, five = concurrently(tiny_service, bodies)
+    short, stopped, seeded_a, seeded_b, five = batched_concurrently(tiny_service, bodies)
     assert short["choices"][0]["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 3
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stop_at not in stopped["choices"][0]["message"]["content"]
@@ -86,7 +104,10 @@ def test_multi_image_request(tiny_service):
                                      for s in (20, 21, 22)]
     result = post(tiny_service, b)
     single = post(tiny_service, body(0))
-    assert result["usage"]["prompt_tokens"] > single["usage"]["prompt_tokens"] + 3 * 256
+    # Each more image: its tiles' 256 tokens each, <img> and </img>, and the newline after its placeholder.
+    tiles = expected_tiles(300, 200)
+    assert tiles == 7  # a 3x2 grid and the thumbnail
+    assert result["usage"]["prompt_tokens"] - single["usage"]["prompt_tokens"] == 3 * (256 * tiles + 2 + 1)
 
 
 def test_streaming_matches_non_streaming(tiny_service):
@@ -120,10 +141,30 @@ def test_think_puts_reasoning_apart(tiny_service):
 def test_extreme_but_valid_sampling_settings_in_one_batch(tiny_service):
     bodies = [body(0, temperature=1e-300), body(1, seed=2**64 - 1, temperature=1.0), body(2, top_p=1e-9,
                                                                                           temperature=2.0)]
-    results = concurrently(tiny_service, bodies)
+    results = batched_concurrently(tiny_service, bodies)
     assert all(r["choices"][0]["finish_reason"] in ("stop", "length") for r in results)
     # A temperature this small is greedy.
     assert results[0]["choices"][0]["message"]["content"] == post(tiny_service, body(0))["choices"][0]["message"]["content"]
+    # A top_p this small keeps only the most likely token, whatever the temperature: greedy too.
+    assert results[2]["choices"][0]["message"] == post(tiny_service, body(2))["choices"][0]["message"]
+    # The largest seed is a seed like any other: the same caption again.
+    assert results[1]["choices"][0]["message"] == post(tiny_service, bodies[1])["choices"][0]["message"]
+
+
+def test_null_temperature_and_top_p_mean_the_checkpoint_defaults(tiny_service, tiny_path):
+    """null (or absent) temperature and top_p take generation_config.json's values, else vLLM's 1.0: the tiny
+    checkpoint sets neither, so a seeded null request samples exactly as temperature=1.0, top_p=1.0 does."""
+    generation_config = json.loads((tiny_path / "generation_config.json").read_text())
+    assert "temperature" not in generation_config and "top_p" not in generation_config
+    common = dict(seed=4321, max_tokens=12, ignore_eos=True)
+    explicit = post(tiny_service, body(1, temperature=1.0, top_p=1.0, **common))["choices"][0]["message"]
+    nulls = post(tiny_service, body(1, temperature=None, top_p=None, **common))["choices"][0]["message"]
+    absent = body(1, **common)
+    del absent["temperature"], absent["top_p"]
+    assert nulls == explicit == post(tiny_service, absent)["choices"][0]["message"]
+    # Not greedy, nor a narrower top_p: the defaults make a difference here that the comparison would show.
+    assert nulls != post(tiny_service, body(1, temperature=0, **common))["choices"][0]["message"]
+    assert nulls != post(tiny_service, body(1, temperature=1.0, top_p=0.5, **common))["choices"][0]["message"]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -12,13 +12,10 @@ import requests
 from PIL import Image
 
 from engine.request import EngineRequest
-from model.images import decode_data_url
-from model.mock import describe
-from model.tiling import num_tiles
 from service.errors import APIError
-from service.jobs import JobLimits, build_job, to_input
+from service.jobs import JobLimits, build_job
 from service.protocol import ChatCompletionRequest
-from tests.helpers import data_url, nv_ingest_body, png_bytes
+from tests.helpers import data_url, expected_tiles, mock_caption_for, nv_ingest_body, png_bytes
 
 URL_640x480 = data_url(png_bytes(640, 480, (20, 120, 220)))
 CAPTION = "Caption the content of this image:"
@@ -68,8 +65,8 @@ def test_newest_nv_ingest_body_with_every_field_is_answered(mock_service, auth_h
     result = ok(mock_service, newest_nv_ingest_body(URL_640x480), auth_headers)
     message = result["choices"][0]["message"]
     # Tiled at 4 tiles, as the request asked (640x480 is one tile at 4, 13 at the server's 12).
-    image = decode_data_url(URL_640x480, 10**8)
-    assert message["content"] == describe(to_input(image, 4))
+    assert message["content"] == mock_caption_for(URL_640x480, max_tiles=4)
+    assert message["content"] != mock_caption_for(URL_640x480, max_tiles=12)  # the hash shows the tiling
     assert message.get("reasoning_content") is None
     assert result["usage"]["prompt_tokens"] == mock_words(newest_nv_ingest_body(URL_640x480)) + 256 * 1
 
@@ -84,21 +81,28 @@ def test_max_num_tiles_sets_the_tiling_and_prompt_tokens(mock_service, auth_head
         if budget is not None:
             body["mm_processor_kwargs"] = {"max_num_tiles": budget}
         usage[budget] = ok(mock_service, body, auth_headers)["usage"]["prompt_tokens"]
-    expected = {b: words + 256 * num_tiles(640, 480, 12 if b is None else b) for b in usage}
+    expected = {b: words + 256 * expected_tiles(640, 480, 12 if b is None else b) for b in usage}
     assert usage == expected
     assert (usage[None], usage[6], usage[1]) == (words + 13 * 256, words + 7 * 256, words + 256)
 
 
-@pytest.mark.parametrize("value", [0, -1, 13, 100, 4.5, "4", True, [4], {"n": 4}])
-def test_bad_max_num_tiles_is_refused_naming_the_field(mock_service, auth_headers, value):
+@pytest.mark.parametrize("value,status,code", [
+    (0, 422, "invalid_request"), (-1, 422, "invalid_request"), (4.5, 422, "invalid_request"),
+    ("4", 422, "invalid_request"), (True, 422, "invalid_request"), ([4], 422, "invalid_request"),
+    ({"n": 4}, 422, "invalid_request"),
+    # Well-formed but above this server's MAX_NUM_TILES (12): a 400 of its own.
+    (13, 400, "invalid_max_num_tiles"), (100, 400, "invalid_max_num_tiles")])
+def test_bad_max_num_tiles_is_refused_naming_the_field(mock_service, auth_headers, value, status, code):
     body = nv_ingest_body(URL_640x480, mm_processor_kwargs={"max_num_tiles": value})
     response = post(mock_service, body, auth_headers)
-    assert response.status_code in (400, 422), response.text
+    assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == "mm_processor_kwargs.max_num_tiles"
+    assert response.json()["error"]["code"] == code
 
 
 def test_max_num_tiles_null_other_keys_and_empty_object_mean_the_server_default(mock_service, auth_headers):
     default = ok(mock_service, nv_ingest_body(URL_640x480), auth_headers)["usage"]["prompt_tokens"]
+    assert default == mock_words(nv_ingest_body(URL_640x480)) + 256 * 13  # MAX_NUM_TILES=12: 12 tiles and a thumbnail
     for kwargs in ({"max_num_tiles": None}, {}, {"num_crops": 3}, None):
         body = nv_ingest_body(URL_640x480, mm_processor_kwargs=kwargs)
         assert ok(mock_service, body, auth_headers)["usage"]["prompt_tokens"] == default
@@ -120,7 +124,7 @@ def test_max_num_tiles_is_bounded_by_the_servers_max_num_tiles():
 def test_non_boolean_enable_thinking_is_refused_naming_the_field(mock_service, auth_headers, value):
     body = nv_ingest_body(URL_640x480, chat_template_kwargs={"enable_thinking": value})
     response = post(mock_service, body, auth_headers)
-    assert response.status_code in (400, 422), response.text
+    assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == "chat_template_kwargs.enable_thinking"
 
 
@@ -133,7 +137,14 @@ def test_chat_template_kwargs_must_be_an_object(mock_service, auth_headers):
                                     {"thinking": True, "custom": [1, 2]}, {}, None])
 def test_enable_thinking_values_and_other_keys_are_accepted(mock_service, auth_headers, kwargs):
     result = ok(mock_service, nv_ingest_body(URL_640x480, chat_template_kwargs=kwargs), auth_headers)
-    assert result["choices"][0]["message"]["content"]
+    message = result["choices"][0]["message"]
+    assert message["content"] == mock_caption_for(URL_640x480)
+    # nv-ingest's system prompt is /no_think: only enable_thinking=true turns reasoning on; other keys do nothing.
+    if kwargs == {"enable_thinking": True}:
+        assert message["reasoning_content"] == "The request holds 1 image(s); I describe each in one sentence."
+    else:
+        assert message.get("reasoning_content") is None
+    assert result["usage"]["prompt_tokens"] == mock_words(nv_ingest_body(URL_640x480)) + 256 * 13
 
 
 def test_enable_thinking_reaches_the_engine_request_and_the_cache_key():
@@ -157,8 +168,7 @@ def test_context_text_prompt_with_and_without_system_message(mock_service, auth_
     if not with_system:
         body["messages"] = body["messages"][1:]
     result = ok(mock_service, body, auth_headers)
-    image = decode_data_url(URL_640x480, 10**8)
-    assert result["choices"][0]["message"]["content"] == describe(to_input(image, 12))
+    assert result["choices"][0]["message"]["content"] == mock_caption_for(URL_640x480)
     assert result["usage"]["prompt_tokens"] == mock_words(body) + 256 * 13
     # The page text counts: without it the prompt is shorter by exactly its words and the frame's.
     plain = nv_ingest_body(URL_640x480)
