@@ -96,16 +96,32 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str | No
     errors = exc.errors()
     if not errors:
         return 422, "Invalid request.", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
+    if errors[0].get("type") == "json_invalid":
         return 400, "Request body is not valid JSON.", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    # Of the alternatives a union tried, the one that got furthest says most about what is wrong.
+    first = max(errors, key=lambda e: len(_field_path(e.get("loc", ()))))
+    param = ".".join(_field_path(first.get("loc", ()))) or None
     # Only pydantic's message and the field path: never the input, which may be a base64 image.
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     where = f"'{param}': " if param else ""
     return 422, f"Invalid request: {where}{msg}{more}", param
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _field_path(loc) -> list[str]:
+    """The fields of a pydantic error location, without the labels it adds for union alternatives
+    (`str`, `list[...]`, model names) and for tagged-union tags (`image_url` before `image_url`)."""
+    path: list[str] = []
+    for part in (str(p) for p in loc if p != "body"):
+        if part in _TYPE_NAMES or "[" in part or part[:1].isupper():
+            continue
+        if path and path[-1] == part and not part.isdigit():
+            continue
+        path.append(part)
+    return path
 
 
 def install_error_handlers(app: FastAPI) -> None:
