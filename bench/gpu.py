@@ -178,7 +178,7 @@ def in_process(checkpoint: Path, device: str, load_format: str, tiny: bool, extr
     log(f"vision {out['vit_ms_per_tile']} ms/tile, prefill {out['prefill_ms']}")
     out["decode_ms_per_token"] = {}
     for batch in DECODE_BATCHES:
-        out["decode_ms_per_token"][str(batch)] = round(decode_ms(runner, batch, 32 if tiny else OUTPUT_TOKENS), 3)
+        out["decode_ms_per_token"][str(batch)] = round(decode_ms(runner, batch, 16 if tiny else OUTPUT_TOKENS), 3)
         log(f"decode batch {batch}: {out['decode_ms_per_token'][str(batch)]} ms/step")
     out["batch_invariance"] = batch_invariance(runner)
     log(f"batch invariance {out['batch_invariance']:.2f}")
@@ -259,7 +259,7 @@ def over_http(checkpoint: Path, device: str, load_format: str, out_dir: Path, ti
             if time.monotonic() > deadline:
                 log(f"{key}: skipped, out of time (--budget)")
                 continue
-            n = max(4, concurrency // 4) if tiny else 2 * concurrency  # tiny: a smoke run of the same path
+            n = (4 if tiles == 1 else 2) if tiny else 2 * concurrency  # tiny: a smoke run of the same path
             args = parse_args(["--url", url, "--max-tokens", str(OUTPUT_TOKENS), "--ignore-eos", "--size",
                                IMAGE_SIZES[tiles], "--requests", str(n), "--warmup", "0"])
             images = {i: make_image(i, *args.size, args.kinds, args.seed, args.max_num_tiles) for i in range(n + 2)}

@@ -6,9 +6,11 @@ import pytest
 import requests
 
 from tests.conftest import API_KEY
-from tests.helpers import Service, data_url, nv_ingest_body, png_bytes
+from tests.helpers import data_url, nv_ingest_body, png_bytes
 
 BODY = nv_ingest_body(data_url(png_bytes()))
+OPEN = {"ENABLE_MOCK_INFERENCE": "1", "NGC_API_KEY": API_KEY, "NIM_REQUIRE_AUTH": "0", "MAX_BATCH_SIZE": "1"}
+NVIDIA_KEY = {"ENABLE_MOCK_INFERENCE": "1", "NVIDIA_API_KEY": "other-key"}
 
 
 @pytest.mark.parametrize("headers,status", [
@@ -40,24 +42,20 @@ def test_key_never_logged(mock_service):
     assert "leaked-guess" not in mock_service.log()
 
 
-def test_nim_require_auth_0_turns_the_check_off(tmp_path):
-    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NGC_API_KEY": API_KEY, "NIM_REQUIRE_AUTH": "0",
-                       "MAX_BATCH_SIZE": "1"}, tmp_path / "open.log")
+@pytest.mark.server(OPEN, own=True)  # started together with NVIDIA_KEY's
+def test_nim_require_auth_0_turns_the_check_off(server):
     try:
-        assert requests.post(service.chat_url, json=BODY, timeout=30).status_code == 200
-        assert requests.get(f"{service.url}/v1/models", timeout=30).status_code == 200
+        assert requests.post(server.chat_url, json=BODY, timeout=30).status_code == 200
+        assert requests.get(f"{server.url}/v1/models", timeout=30).status_code == 200
     finally:
-        assert service.stop() == 0
+        assert server.stop() == 0
 
 
-def test_nvidia_api_key_is_honoured_too(tmp_path):
-    service = Service({"ENABLE_MOCK_INFERENCE": "1", "NVIDIA_API_KEY": "other-key"}, tmp_path / "nv.log")
-    try:
-        assert requests.post(service.chat_url, json=BODY, timeout=30).status_code == 401
-        ok = requests.post(service.chat_url, json=BODY, headers={"Authorization": "Bearer other-key"}, timeout=30)
-        assert ok.status_code == 200
-    finally:
-        service.stop()
+@pytest.mark.server(NVIDIA_KEY)
+def test_nvidia_api_key_is_honoured_too(server):
+    assert requests.post(server.chat_url, json=BODY, timeout=30).status_code == 401
+    ok = requests.post(server.chat_url, json=BODY, headers={"Authorization": "Bearer other-key"}, timeout=30)
+    assert ok.status_code == 200
 
 
 @pytest.mark.parametrize("headers, problem", [

@@ -8,6 +8,7 @@ import time
 import pytest
 import requests
 
+from tests.conftest import stop_later
 from tests.helpers import Service, data_url, nv_ingest_body, png_bytes
 
 URL = data_url(png_bytes(64, 48, (30, 90, 200)))
@@ -19,7 +20,22 @@ def service(tmp_path_factory):
     service = Service({"ENABLE_MOCK_INFERENCE": "1", "NIM_REQUIRE_AUTH": "0", "MAX_BATCH_SIZE": "2",
                        "MOCK_TOKEN_DELAY": str(STEP)}, tmp_path_factory.mktemp("logs") / "scheduling.log")
     yield service
-    service.stop()
+    stop_later(service)
+
+
+def scrape(service) -> dict[str, float]:
+    values = {}
+    for line in requests.get(f"{service.url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def in_engine(service) -> float:
+    """Requests the engine holds, running or waiting for a slot (as of its last step)."""
+    values = scrape(service)
+    return values.get("caption_running_sequences", 0) + values.get("caption_waiting_requests", 0)
 
 
 class Finishes:
@@ -39,10 +55,15 @@ class Finishes:
                 self.order.append(name)
                 self.responses[name] = response
 
+        before = in_engine(self.service)
         thread = threading.Thread(target=post)
         thread.start()
         self.threads.append(thread)
-        time.sleep(0.3)  # let it reach the engine before the next one
+        # It reaches the engine (or is already answered) before the next one is sent.
+        deadline = time.monotonic() + 30
+        while thread.is_alive() and in_engine(self.service) <= before:
+            assert time.monotonic() < deadline, f"{name} never reached the engine"
+            time.sleep(0.02)
 
     def wait(self) -> list[str]:
         for thread in self.threads:
@@ -52,8 +73,11 @@ class Finishes:
         return self.order
 
 
+LONG = 50  # tokens: 1.5 s, far longer than sending the requests that must overtake it
+
+
 def long(**kw) -> dict:
-    return dict(max_tokens=80, min_tokens=80, ignore_eos=True, temperature=0.0, **kw)
+    return dict(max_tokens=LONG, min_tokens=LONG, ignore_eos=True, temperature=0.0, **kw)
 
 
 def test_a_short_request_finishes_before_the_long_ones_it_joined(service):
@@ -62,7 +86,7 @@ def test_a_short_request_finishes_before_the_long_ones_it_joined(service):
     runs.send("short", max_tokens=4, temperature=0.0)
     assert runs.wait() == ["short", "long"]
     assert runs.responses["short"].json()["usage"]["completion_tokens"] == 4
-    assert runs.responses["long"].json()["usage"]["completion_tokens"] == 80
+    assert runs.responses["long"].json()["usage"]["completion_tokens"] == LONG
 
 
 def test_a_lower_priority_value_overtakes_queued_requests(service):
@@ -80,24 +104,20 @@ def test_a_client_that_leaves_frees_its_slot_for_the_next_request(service):
     runs.send("stays", **long())
     gone = requests.post(service.chat_url, json=nv_ingest_body(URL, stream=True, **long()), stream=True, timeout=60)
     next(gone.iter_lines())  # it is generating
+    deadline = time.monotonic() + 30
+    while in_engine(service) < 2:  # and the engine's gauges say so: the next request's wait counts from here
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     runs.send("waiting", max_tokens=3, temperature=0.0)
     gone.close()  # the client leaves; its slot goes to "waiting" within a step or two
     assert runs.wait() == ["waiting", "stays"]
 
 
 def test_scheduler_metrics_are_exported(service):
-    def scrape() -> dict[str, float]:
-        values = {}
-        for line in requests.get(f"{service.url}/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-    before = scrape()
+    before = scrape(service)
     response = requests.post(service.chat_url, json=nv_ingest_body(URL, max_tokens=5, temperature=0.0), timeout=30)
     assert response.status_code == 200
-    after = scrape()
+    after = scrape(service)
     assert after["caption_step_seconds_count"] - before.get("caption_step_seconds_count", 0) >= 5
     assert after["caption_prefill_tokens_per_step_count"] - before.get("caption_prefill_tokens_per_step_count", 0) >= 1
     assert after["caption_prefill_tokens_per_step_sum"] - before.get("caption_prefill_tokens_per_step_sum", 0) == \
