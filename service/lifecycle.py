@@ -39,8 +39,8 @@ def install_drain(shared: SharedState, grace_period: float) -> None:
     main_pid = os.getpid()
 
     def handler(signum, frame):
-        if os.getpid() != main_pid:
-            return
+        if os.getpid() != main_pid or _stopping.is_set():
+            return  # the drain is over and LitServe is stopping: an interruption now would leave processes behind
         if shared.draining:
             raise KeyboardInterrupt
         logger.info("%s: refusing new requests, draining %d in flight (up to %.0fs)", signal.Signals(signum).name,
@@ -101,6 +101,7 @@ def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seco
                 logger.error("API server %s (pid %s) died with exit code %s; exiting with code %d",
                              gone[0].name, gone[0].pid, gone[0].exitcode, WORKER_DIED_EXIT_CODE)
                 shared.mark_worker_dead()
+                shared.stop_workers()  # nothing can reach them any more: they leave now, not after LitServe's 5 s
                 server._shutdown_event.set()
                 return
             time.sleep(interval)

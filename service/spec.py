@@ -75,6 +75,10 @@ class CaptionSpec(OpenAISpec):
         return not (self.shared.worker_dead or self.shared.draining) and self.link.workers_ready()
 
     async def chat_completion(self, raw_request: Request):
+        if self.shared.in_flight >= self.shared.max_in_flight:
+            # Full: refuse before parsing and decoding, or a flood of refusals takes the CPU and the
+            # executor threads from the requests already admitted. (`_admit` decides for the others.)
+            raise self._queue_full()
         # Parsing and validating a body of up to MAX_REQUEST_BYTES is CPU work: off the event loop, so
         # liveness and other requests never wait behind it.
         request = await asyncio.to_thread(_parse_request, await raw_request.body())
@@ -110,9 +114,7 @@ class CaptionSpec(OpenAISpec):
     def _admit(self, job: EngineRequest) -> QueuedJob:
         """Take a place among the requests in flight (released by `_run`), or refuse with 429."""
         if not self.shared.try_admit():
-            metrics.REJECTED.labels("queue_full").inc()
-            raise APIError(429, f"Too many requests in flight (MAX_QUEUED_REQUESTS={self.shared.max_in_flight}); "
-                                "retry shortly.", code="queue_full", headers={"Retry-After": "1"})
+            raise self._queue_full()
         if self.shared.draining or self.shared.worker_dead:
             # SIGTERM (or a worker death) came while this request was being decoded: the drain
             # does not wait for it, so it must not start.
@@ -122,6 +124,11 @@ class CaptionSpec(OpenAISpec):
         # The engine's id is unique per queued request (a client's X-Request-ID need not be).
         return QueuedJob(dataclasses.replace(job, request_id=uuid.uuid4().hex), self.shared.new_job_id(),
                          time.monotonic() + self.info.request_timeout)
+
+    def _queue_full(self) -> APIError:
+        metrics.REJECTED.labels("queue_full").inc()
+        return APIError(429, f"Too many requests in flight (MAX_QUEUED_REQUESTS={self.shared.max_in_flight}); "
+                             "retry shortly.", code="queue_full", headers={"Retry-After": "1"})
 
     def _prepare(self, request: ChatCompletionRequest, request_id: str) -> tuple[EngineRequest, str | None]:
         job = build_job(request, self.limits, request_id)

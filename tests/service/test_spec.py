@@ -184,3 +184,18 @@ def test_metadata_reports_what_the_worker_runs_and_version_the_release():
             assert (await client.get("/v1/version")).json() == {"release": release, "api": "1.0.0"}
 
     run(scenario())
+
+
+def test_a_full_service_refuses_before_reading_the_body():
+    """Refusals cost no parsing or decoding, so a flood of them leaves the CPU to the admitted requests."""
+    service = InProcessService(max_queued_requests=1, mock_token_delay=0.01)
+
+    async def scenario():
+        async with service.client() as client:
+            (held,) = await service.started(client, long_body(100))
+            refused = await client.post("/v1/chat/completions", content=b"{not even json",
+                                        headers={"Content-Type": "application/json"})
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+            assert (await held).status_code == 200
+
+    run(scenario())
