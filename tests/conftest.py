@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import service.metrics  # noqa: F401 - first: it sets PROMETHEUS_MULTIPROC_DIR before prometheus_client is imported
 from model.tiny import write_tiny_checkpoint
 from tests.helpers import Service
 

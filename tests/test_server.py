@@ -14,6 +14,7 @@ from tests.helpers import ROOT
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine could run the 12B model")
+@pytest.mark.slow
 def test_default_12b_without_gpu_stops_at_once_with_advice():
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     start = time.monotonic()

@@ -25,6 +25,8 @@ def noise_url(width, height, seed) -> str:
     return data_url(buf.getvalue())
 
 
+pytestmark = pytest.mark.slow  # a real-engine server on the tiny checkpoint: CI runs it, the quick run does not
+
 PROMPTS = ["Caption the content of this image:", "Describe every detail of this chart, axis by axis, please.",
            "What?", "Caption the content of this image: " * 5]
 SIZES = [(640, 480), (256, 256), (1920, 1080), (100, 40)]

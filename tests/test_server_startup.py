@@ -27,6 +27,7 @@ def test_bad_settings_are_named_in_one_line():
     assert line.startswith("configuration error: ") and "MAX_BATCH_SIZE='abc'" in line and "DTYPE='float33'" in line
 
 
+@pytest.mark.slow
 def test_a_hub_id_that_cannot_be_had_is_refused_before_any_worker_starts(tmp_path):
     for model_id, problem in (("nvidia/no-such-model", "HF_HUB_OFFLINE is set"),
                               ("not//a//hub id", "nor a valid hub id")):

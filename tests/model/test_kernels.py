@@ -277,6 +277,7 @@ def _run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 @_SKIP_NO_TRITON
+@pytest.mark.slow
 def test_triton_kernels_under_interpreter():
     # A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated at import.
     proc = _run_python("from tests.model.test_kernels import run_triton_interpreter_checks as run; run()",

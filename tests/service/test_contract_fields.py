@@ -187,6 +187,7 @@ def noise_url(width: int, height: int, seed: int) -> str:
     return data_url(buf.getvalue())
 
 
+@pytest.mark.slow
 def test_real_engine_enable_thinking_wins_over_the_system_prompt(tiny_service):
     """The random tiny model never closes a think block: with reasoning on, every token is reasoning."""
     def answer(system, kwargs):
@@ -208,6 +209,7 @@ def test_real_engine_enable_thinking_wins_over_the_system_prompt(tiny_service):
     assert off == plain and on == think
 
 
+@pytest.mark.slow
 def test_real_engine_max_num_tiles_sets_prompt_tokens(tiny_service):
     url = noise_url(640, 480, 5)
     full = ok(tiny_service, nv_ingest_body(url, temperature=0, max_tokens=2))

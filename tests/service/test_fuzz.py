@@ -12,6 +12,7 @@ import copy
 import json
 
 import requests
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -128,6 +129,7 @@ def test_random_json(mock_service, auth_headers):
     _assert_still_serves(mock_service, auth_headers)
 
 
+@pytest.mark.slow
 def test_mutated_nv_ingest_body(mock_service, auth_headers):
     @settings(max_examples=150, **FUZZ)
     @given(body=mutated_bodies())
