@@ -75,7 +75,7 @@ class CaptionSpec(OpenAISpec):
         return not (self.shared.worker_dead or self.shared.draining) and self.link.workers_ready()
 
     async def chat_completion(self, raw_request: Request):
-        if self.shared.in_flight >= self.shared.max_in_flight:
+        if self.shared.full:
             # Full: refuse before parsing and decoding, or a flood of refusals takes the CPU and the
             # executor threads from the requests already admitted. (`_admit` decides for the others.)
             raise self._queue_full()

@@ -32,9 +32,13 @@ class SharedState:
         self._stop_workers = _ctx.RawValue("b", 0)
 
     # Admission ---------------------------------------------------------------------------
+    @property
+    def full(self) -> bool:
+        return self._in_flight.value >= self.max_in_flight
+
     def try_admit(self) -> bool:
         with self._in_flight.get_lock():
-            if self._in_flight.value >= self.max_in_flight:
+            if self.full:
                 return False
             self._in_flight.value += 1
             return True
