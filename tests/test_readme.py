@@ -3,7 +3,6 @@ answers with the status and `error.code` the row names; a row without a way to p
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable
 
@@ -121,25 +120,24 @@ def test_the_row_is_true(situation, tiny_path):
         settings.update(enable_mock_inference=False, model_id=str(tiny_path), device="cpu", max_batch_size=2)
     service = InProcessService(**settings)
 
-    async def scenario():
-        async with service.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
-            if "before" in case:
-                case["before"](service)
-            long = body(max_tokens=1000, min_tokens=1000, ignore_eos=True)
-            holding = await service.started(client, long, case["hold"]) if "hold" in case else []
-            headers = case.get("headers", {})
-            if "during" in case:
-                case["during"](service)
-                response = await holding.pop()
-            elif "raw" in case:
-                response = await client.post("/v1/chat/completions", content=case["raw"],
-                                             headers={"Content-Type": "application/json", **headers})
-            else:
-                response = await client.post("/v1/chat/completions", json=case["body"], headers=headers)
-            for future in holding:
-                future.cancel()
-            return response
+    async def scenario(client):
+        if "before" in case:
+            case["before"](service)
+        long = body(max_tokens=1000, min_tokens=1000, ignore_eos=True)
+        holding = await service.started(client, long, case["hold"]) if "hold" in case else []
+        headers = case.get("headers", {})
+        if "during" in case:
+            case["during"](service)
+            response = await holding.pop()
+        elif "raw" in case:
+            response = await client.post("/v1/chat/completions", content=case["raw"],
+                                         headers={"Content-Type": "application/json", **headers})
+        else:
+            response = await client.post("/v1/chat/completions", json=case["body"], headers=headers)
+        for future in holding:
+            future.cancel()
+        return response
 
-    response = asyncio.run(scenario())
+    response = service.run(scenario, headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code, response.text

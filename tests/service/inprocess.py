@@ -79,6 +79,14 @@ class InProcessService:
             except SystemExit:
                 return
 
+    def run(self, scenario, headers: dict | None = None):
+        """`await scenario(client)` against this service, with its worker running; what it returns."""
+        async def main():
+            async with self.client(headers) as client:
+                return await scenario(client)
+
+        return asyncio.run(main())
+
     async def started(self, client, body: dict, count: int = 1) -> list[asyncio.Future]:
         """`count` requests sent and admitted (they hold their places until they finish or are cancelled)."""
         futures = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body)) for _ in range(count)]

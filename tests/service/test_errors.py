@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
@@ -22,11 +21,10 @@ USER = {"role": "user", "content": "Caption this."}
 def test_a_schema_error_names_the_field(overrides, param):
     service = InProcessService()
 
-    async def scenario():
-        async with service.client() as client:
-            return await client.post("/v1/chat/completions", json=overrides)
+    async def scenario(client):
+        return await client.post("/v1/chat/completions", json=overrides)
 
-    response = asyncio.run(scenario())
+    response = service.run(scenario)
     error = response.json()["error"]
     assert (response.status_code, error["param"], error["code"], error["type"]) == (
         422, param, "invalid_request", "invalid_request_error")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -15,13 +14,12 @@ def test_a_413_before_routing_is_labelled_with_its_route():
     """The body limit answers before routing: the metrics label comes from the path, when a route has it."""
     service = InProcessService(max_request_bytes=2048)
 
-    async def scenario():
-        async with service.client() as client:
-            big = nv_ingest_body(data_url(png_bytes()), messages=[{"role": "user", "content": "x" * 4096}])
-            assert (await client.post("/v1/chat/completions", json=big)).status_code == 413
-            assert (await client.post("/no/such/route", content=b"x" * 4096)).status_code == 413
+    async def scenario(client):
+        big = nv_ingest_body(data_url(png_bytes()), messages=[{"role": "user", "content": "x" * 4096}])
+        assert (await client.post("/v1/chat/completions", json=big)).status_code == 413
+        assert (await client.post("/no/such/route", content=b"x" * 4096)).status_code == 413
 
-    asyncio.run(scenario())
+    service.run(scenario)
     app = service.server.app
     assert _route_label({"path": "/v1/chat/completions", "app": app}) == "/v1/chat/completions"
     assert _route_label({"path": "/no/such/route", "app": app}) == "unmatched"
@@ -30,14 +28,13 @@ def test_a_413_before_routing_is_labelled_with_its_route():
 def test_a_good_request_id_is_echoed_and_a_bad_one_replaced():
     service = InProcessService()
 
-    async def scenario():
-        async with service.client() as client:
-            kept = await client.get("/v1/health/live", headers={"X-Request-ID": "abc-123"})
-            replaced = await client.get("/v1/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
+    async def scenario(client):
+        kept = await client.get("/v1/health/live", headers={"X-Request-ID": "abc-123"})
+        replaced = await client.get("/v1/health/live", headers={"X-Request-ID": "bad id\twith spaces"})
         assert kept.headers["x-request-id"] == "abc-123"
         assert len(replaced.headers["x-request-id"]) == 32
 
-    asyncio.run(scenario())
+    service.run(scenario)
 
 
 def test_extra_fields_appear_in_both_formats():
