@@ -144,7 +144,7 @@ class CaptionAPI(ls.LitAPI):
 
     def __init__(self, settings: Settings, shared: SharedState):
         info = ServiceInfo(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
-                           settings.request_timeout, __version__, settings.metadata())
+                           settings.request_timeout, settings.metadata())
         prompt_check = None if settings.enable_mock_inference else PromptCheck(
             settings.model_id, settings.model_revision, settings.max_model_len)
         super().__init__(spec=CaptionSpec(info, settings.limits(), shared, settings.caption_cache_size,

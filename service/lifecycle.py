@@ -81,16 +81,17 @@ def watch_workers(server, shared: SharedState, interval: float = 0.5, flush_seco
             if _stopping.is_set():
                 return
             dead = [p for p in server.inference_workers if not p.is_alive()]
-            if dead and not shared.engine_slots:  # its setup failed, and said why above
-                logger.error("the inference worker stopped before it was ready (exit code %s); exiting with code %d",
-                             dead[0].exitcode, WORKER_DIED_EXIT_CODE)
-            elif dead:  # during a drain too: its requests must not hang
-                logger.error("inference worker %s (pid %s) died with exit code %s; failing in-flight "
-                             "requests and exiting with code %d", dead[0].name, dead[0].pid, dead[0].exitcode,
-                             WORKER_DIED_EXIT_CODE)
-            if dead:
+            if dead:  # during a drain too: its requests must not hang
+                was_ready = bool(shared.engine_slots)
+                if was_ready:
+                    logger.error("inference worker %s (pid %s) died with exit code %s; failing in-flight "
+                                 "requests and exiting with code %d", dead[0].name, dead[0].pid, dead[0].exitcode,
+                                 WORKER_DIED_EXIT_CODE)
+                else:  # its setup failed, and said why above
+                    logger.error("the inference worker stopped before it was ready (exit code %s); exiting with "
+                                 "code %d", dead[0].exitcode, WORKER_DIED_EXIT_CODE)
                 shared.mark_worker_dead()
-                if shared.engine_slots:
+                if was_ready:
                     time.sleep(flush_seconds)  # the API servers answer their waiting requests with 503
                 server._shutdown_event.set()  # run() returns and LitServe stops its processes
                 return

@@ -24,8 +24,7 @@ class ServiceInfo:
     model_root: str
     max_model_len: int
     request_timeout: float
-    release: str
-    metadata: dict
+    metadata: dict  # its "version" is the release
 
 
 class OperationalRoutes:
@@ -55,7 +54,7 @@ class OperationalRoutes:
                              "dtype": self.shared.engine_dtype, "max_running_sequences": self.shared.engine_slots})
 
     async def version(self) -> JSONResponse:
-        return JSONResponse({"release": self.info.release, "api": "1.0.0"})
+        return JSONResponse({"release": self.info.metadata["version"], "api": "1.0.0"})
 
     async def metrics(self) -> Response:
         body, content_type = metrics.render()

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.helpers import data_url, nv_ingest_body, png_bytes
-from tests.service.test_operations import metric_values
+from tests.helpers import metric_values
 
 GREEDY = nv_ingest_body(data_url(png_bytes(70, 50, (1, 2, 3))), temperature=0)
 
