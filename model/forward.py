@@ -6,19 +6,26 @@ Mamba time step is limited by the config's `time_step_limit` ((0, inf) for this 
 checkpoint's own kernels and vLLM use) in both the chunked and the recurrent path; transformers'
 native mixer clamps the chunked path at `time_step_min`, which makes prompt states too large.
 NemotronH attention has no positional encoding, so a slot needs only its length.
+
+The Mamba scan of prefill, the decode step and the norms run in model/kernels (Triton on a GPU, their
+PyTorch twins elsewhere); each block's pre-norm also adds the previous block's output to the residual
+stream, so one kernel does both. A, D and dt_bias are float32, A = -exp(A_log) computed once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers import NemotronHForCausalLM
-from transformers.models.nemotron_h.modeling_nemotron_h import mamba2_chunk_scan
 
 from model import kernels
 from model.state_pool import ATTENTION, MAMBA, StatePool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +38,19 @@ class _Chunks:
     start_tensor: torch.Tensor
     sizes: list[int]
     lengths: torch.Tensor
-    valid: torch.Tensor  # (rows, width): real positions, not padding
+
+
+@dataclass(frozen=True)
+class SSMParams:
+    """A Mamba layer's per-head scalars in float32, A = -exp(A_log) computed once rather than every step."""
+
+    A: torch.Tensor
+    D: torch.Tensor
+    dt_bias: torch.Tensor
+
+    @classmethod
+    def of(cls, mixer) -> SSMParams:
+        return cls(-torch.exp(mixer.A_log.detach().float()), mixer.D.detach().float(), mixer.dt_bias.detach().float())
 
 
 class SlotForward:
@@ -41,6 +60,8 @@ class SlotForward:
         self.config = lm.config
         self.time_step_limit = tuple(self.config.time_step_limit)
         self.graphs = None  # model/cuda_graphs.py sets this on a GPU unless ENFORCE_EAGER
+        self.ssm = {layer: SSMParams.of(block.mixer) for layer, block in enumerate(lm.model.layers)
+                    if block.block_type == MAMBA}
 
     # ---- entry points --------------------------------------------------------------------------
 
@@ -64,13 +85,13 @@ class SlotForward:
         for row, e in enumerate(embeds):
             hidden[row, :e.shape[0]] = e
         batch = _Chunks(slots, torch.tensor(slots, device=device), starts, torch.tensor(starts, device=device),
-                        [e.shape[0] for e in embeds], lengths,
-                        torch.arange(width, device=device)[None, :] < lengths[:, None])
-        hidden = self._layers(hidden, lambda mixer, layer, x: self._mamba_chunk(mixer, layer, batch, x),
-                              lambda attn, layer, x: self._attention_chunk(attn, layer, batch, x))
+                        [e.shape[0] for e in embeds], lengths)
+        hidden, residual = self._layers(hidden, lambda mixer, layer, x: self._mamba_chunk(mixer, layer, batch, x),
+                                        lambda attn, layer, x: self._attention_chunk(attn, layer, batch, x))
         for slot, start, n in zip(slots, starts, batch.sizes):
             self.pool.lengths[slot] = start + n
-        return self._logits(hidden[torch.arange(rows, device=device), lengths - 1])
+        last = (torch.arange(rows, device=device), lengths - 1)
+        return self._logits(hidden[last], residual[last])
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
@@ -93,26 +114,32 @@ class SlotForward:
 
         ids, positions: (n,); index: the rows' slots, or None for slots 0..n-1; length: attention span read.
         """
-        hidden = self._layers(self.lm.model.embeddings(ids)[:, None],
-                              lambda mixer, layer, x: self._mamba_step(mixer, layer, index, x),
-                              lambda attn, layer, x: self._attention_step(attn, layer, index, positions, length, x))
-        return self._logits(hidden[:, -1])
+        hidden, residual = self._layers(
+            self.lm.model.embeddings(ids)[:, None],
+            lambda mixer, layer, x: self._mamba_step(mixer, layer, index, x),
+            lambda attn, layer, x: self._attention_step(attn, layer, index, positions, length, x))
+        return self._logits(hidden[:, -1], residual[:, -1])
 
-    def _layers(self, hidden: torch.Tensor, mamba, attention) -> torch.Tensor:
-        """The blocks in order (pre-norm, mixer, residual); `mamba` and `attention` run those mixers on slot state."""
+    def _layers(self, hidden: torch.Tensor, mamba, attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks in order (pre-norm, mixer, residual); `mamba` and `attention` run those mixers on slot state.
+
+        Returns the last mixer's output and the residual stream before it, still to be added: the final
+        norm adds them in the same kernel, as each block's pre-norm adds the previous block's output."""
+        residual = None
         for layer, block in enumerate(self.lm.model.layers):
-            x = block.norm(hidden.to(dtype=block.norm.weight.dtype))
+            x, residual = kernels.add_rms_norm(hidden, residual, block.norm.weight, block.norm.variance_epsilon)
             if block.block_type == MAMBA:
-                x = mamba(block.mixer, layer, x)
+                hidden = mamba(block.mixer, layer, x)
             elif block.block_type == ATTENTION:
-                x = attention(block.mixer, layer, x)
+                hidden = attention(block.mixer, layer, x)
             else:
-                x = block.mixer(x)
-            hidden = hidden + x
-        return hidden
+                hidden = block.mixer(x)
+        return hidden, residual
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm.lm_head(self.lm.model.norm_f(hidden)).float()
+    def _logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        norm = self.lm.model.norm_f
+        x, _ = kernels.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+        return self.lm.lm_head(x).float()
 
     # ---- Mamba ---------------------------------------------------------------------------------
 
@@ -133,19 +160,14 @@ class SlotForward:
         weight = mixer.conv1d.weight.squeeze(1)
         xbc = F.silu(F.conv1d(history.to(weight.dtype), weight.unsqueeze(1), mixer.conv1d.bias,
                               groups=mixer.conv_dim)).transpose(1, 2).to(x.dtype)
-        xbc = xbc * batch.valid[..., None]
-        dt = dt.masked_fill(~batch.valid[..., None], float("-inf"))  # softplus(-inf) = 0: padding is a no-op
         groups, state = mixer.n_groups, mixer.ssm_state_size
         hs, b, c = xbc.split([mixer.intermediate_size, groups * state, groups * state], dim=-1)
-        ssm_state = self.pool.ssm[layer]
-        y, final = mamba2_chunk_scan(
-            hs.reshape(rows, width, mixer.num_heads, mixer.head_dim), dt, -torch.exp(mixer.A_log.float()),
-            b.reshape(rows, width, groups, state), c.reshape(rows, width, groups, state), chunk_size=mixer.chunk_size,
-            D=mixer.D, dt_bias=mixer.dt_bias, initial_states=ssm_state[batch.index], dt_softplus=True,
-            dt_limit=self.time_step_limit, return_final_states=True)
-        ssm_state[batch.index] = final.to(ssm_state.dtype)
-        y = mixer.norm(y.reshape(rows, width, -1), gate)
-        return mixer.out_proj(y.to(x.dtype))
+        ssm = self.ssm[layer]
+        # Padding positions (past each row's length) never reach the state: the scan stops at the length.
+        y = kernels.chunk_scan(hs.reshape(rows, width, mixer.num_heads, mixer.head_dim), dt, ssm.A,
+                               b.reshape(rows, width, groups, state), c.reshape(rows, width, groups, state), ssm.D,
+                               ssm.dt_bias, self.pool.ssm[layer], batch.index, batch.lengths, self.time_step_limit)
+        return mixer.out_proj(self._gated_norm(mixer, y.reshape(rows, width, -1), gate))
 
     def _mamba_step(self, mixer, layer: int, index: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -154,11 +176,16 @@ class SlotForward:
                                   index)
         groups, state = mixer.n_groups, mixer.ssm_state_size
         hs, b, c = xbc.split([mixer.intermediate_size, groups * state, groups * state], dim=-1)
-        y = kernels.ssm_update(hs.reshape(rows, mixer.num_heads, mixer.head_dim), dt,
-                               -torch.exp(mixer.A_log.float()), b.reshape(rows, groups, state),
-                               c.reshape(rows, groups, state), mixer.D, mixer.dt_bias, self.pool.ssm[layer], index)
-        y = mixer.norm(y.reshape(rows, 1, -1), gate[:, None])
-        return mixer.out_proj(y.to(x.dtype))
+        ssm = self.ssm[layer]
+        y = kernels.ssm_update(hs.reshape(rows, mixer.num_heads, mixer.head_dim), dt, ssm.A,
+                               b.reshape(rows, groups, state), c.reshape(rows, groups, state), ssm.D, ssm.dt_bias,
+                               self.pool.ssm[layer], index)
+        return mixer.out_proj(self._gated_norm(mixer, y.reshape(rows, 1, -1), gate[:, None]))
+
+    @staticmethod
+    def _gated_norm(mixer, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        norm = mixer.norm
+        return kernels.gated_rms_norm(y, gate, norm.weight, norm.group_size, norm.variance_epsilon).to(gate.dtype)
 
     # ---- attention -----------------------------------------------------------------------------
 

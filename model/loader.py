@@ -183,6 +183,23 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+# The Mamba mixers' per-head scalars stay in float32 whatever the serving dtype (as vLLM keeps them): the
+# time step and the decay exp(dt * A) are computed in float32, and a bfloat16 A_log moves every decay.
+FLOAT32_PARAMETERS = ("A_log", "D", "dt_bias")
+
+
+def _serving_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if name.rpartition(".")[2] in FLOAT32_PARAMETERS and ".mixer." in name else dtype
+
+
+def _keep_float32_parameters(model: nn.Module) -> None:
+    for name, param in list(model.named_parameters()):
+        if _serving_dtype(name, param, param.dtype) == torch.float32 and param.dtype != torch.float32:
+            _set_tensor(model, name, param.detach().float())
+
+
 def load_weights(model: NemotronNanoVLV2, path: Path, device: torch.device, dtype: torch.dtype) -> LoadReport:
     """Stream official tensors into a meta-device model; report every key that does not line up."""
     expected = {k: v for k, v in model.state_dict().items()}
@@ -199,7 +216,7 @@ def load_weights(model: NemotronNanoVLV2, path: Path, device: torch.device, dtyp
                         f"{official_name}: {tuple(tensor.shape)} vs {tuple(expected[native_name].shape)}"
                     )
                     continue
-                target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+                target_dtype = _serving_dtype(native_name, tensor, dtype)
                 _set_tensor(model, native_name, tensor.to(device=device, dtype=target_dtype))
                 seen.add(native_name)
     report.missing = sorted(set(expected) - seen)
@@ -233,6 +250,7 @@ def build_random_model(config: VLConfig, device: torch.device, dtype: torch.dtyp
     finally:
         torch.set_default_dtype(default)
     init_random_weights(model)
+    _keep_float32_parameters(model)
     return model
 
 

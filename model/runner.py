@@ -21,6 +21,7 @@ from engine.runner import PrefillChunk, Prompt
 from model.architecture import NemotronNanoVLV2
 from model.detokenize import TokenText
 from model.forward import SlotForward
+from model.kernels.check import check_kernels
 from model.loader import load_model
 from model.prompt import PromptBuilder, image_tokens_for, token_id
 from model.state_pool import PoolShape, StatePool
@@ -72,6 +73,7 @@ class NemotronRunner:
         self.ssm_dtype = ssm_dtype
         # CUDA graphs only on a GPU: on a CPU there are no launches to save.
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        log.info(check_kernels(self.device, self.dtype))
         self.image_tokens = image_tokens_for(cfg, tokenizer)
         self.prompts = PromptBuilder(tokenizer, self.image_tokens)
         self.eos_ids = eos_token_ids(model, tokenizer, model_path)

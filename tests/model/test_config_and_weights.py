@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from model.config import translate_config
-from model.loader import build_model, load_weights, read_config, safetensors_files
+from model.loader import FLOAT32_PARAMETERS, build_model, load_model, load_weights, read_config, safetensors_files
 from model.weights import native_to_official, official_to_native
 from tests.model.official_12b import HYBRID_PATTERN, OFFICIAL_CONFIG, official_tensors
 
@@ -152,3 +152,22 @@ def test_fused_qkv_is_split_as_timm_lays_it_out():
 
 def test_tiny_checkpoint_files_are_readable_by_everyone(tiny_path):
     assert all(p.stat().st_mode & 0o444 == 0o444 for p in tiny_path.iterdir())
+
+
+@pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
+def test_mamba_per_head_scalars_stay_float32_in_a_bfloat16_model(tiny_path, load_format):
+    """A_log, D and dt_bias serve in float32 (the decay exp(dt * A) is float32 math); everything else in bf16."""
+    model, _, _ = load_model(str(tiny_path), None, "cpu", "bfloat16", load_format)
+    kept = {name: p.dtype for name, p in model.named_parameters() if name.rpartition(".")[2] in FLOAT32_PARAMETERS}
+    mixers = [m for m in model.language_model.modules() if hasattr(m, "A_log")]
+    assert mixers and len(kept) == 3 * len(mixers), sorted(kept)
+    assert set(kept.values()) == {torch.float32}
+    assert {p.dtype for name, p in model.named_parameters() if name not in kept} == {torch.bfloat16}
+    if load_format == "safetensors":  # the checkpoint's values themselves, not a bf16 rounding of them
+        for file in safetensors_files(tiny_path):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(".A_log"):
+                        layer = int(key.split(".layers.")[1].split(".")[0])
+                        mixer = model.language_model.model.layers[layer].mixer
+                        assert torch.equal(mixer.A_log, f.get_tensor(key).float())

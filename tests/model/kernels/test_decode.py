@@ -1,4 +1,4 @@
-"""Mamba2 decode-step kernels (model/kernels.py): values, slot indexing, and in-place updates.
+"""Mamba2 decode-step kernels (model/kernels/decode.py): values, slot indexing, and in-place updates.
 
 Each case is checked against an independent float64 loop and, where everything is float32, against
 transformers' own PyTorch decode step (called exactly as NemotronH's mixer calls it in its recurrent branch).
@@ -8,12 +8,7 @@ when triton is installed), and on the compiled Triton kernels when a CUDA GPU is
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +16,7 @@ import torch.nn.functional as F
 from transformers.models.nemotron_h import modeling_nemotron_h as hf
 
 from model import kernels
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.model.kernels.helpers import run_under_interpreter, skip_without_triton
 
 # The plain PyTorch bodies, without the hub/mamba_ssm dispatch wrapper around them.
 HF_SSM_UPDATE = getattr(hf.mamba2_selective_state_update, "__wrapped__", hf.mamba2_selective_state_update)
@@ -252,12 +246,6 @@ def test_shape_errors():
 # Tests: the Triton kernels (interpreter on CPU; compiled on a GPU)
 # --------------------------------------------------------------------------------------------------------------
 
-_NO_TRITON = importlib.util.find_spec("triton") is None
-_SKIP_NO_TRITON = pytest.mark.skipif(
-    _NO_TRITON, reason="triton is not installed (`pip install triton` to run the Triton kernels under "
-                       "TRITON_INTERPRET=1 on CPU)")
-
-
 def run_triton_interpreter_checks() -> None:
     """Entry point for the subprocess: every case through the Triton kernels, on CPU tensors."""
     assert kernels.triton_available(), "triton did not import"
@@ -269,29 +257,10 @@ def run_triton_interpreter_checks() -> None:
     print("interpreter checks passed")
 
 
-def _run_python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CAPTION_DISABLE_TRITON")}
-    full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=300)
-
-
-@_SKIP_NO_TRITON
+@skip_without_triton
 @pytest.mark.slow
 def test_triton_kernels_under_interpreter():
-    # A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated at import.
-    proc = _run_python("from tests.model.test_kernels import run_triton_interpreter_checks as run; run()",
-                       TRITON_INTERPRET="1")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "interpreter checks passed" in proc.stdout
-
-
-@_SKIP_NO_TRITON
-def test_disable_flag_is_read_at_import():
-    code = ("import importlib, os, model.kernels as k; before = k.triton_available(); "
-            "os.environ['CAPTION_DISABLE_TRITON'] = '1'; importlib.reload(k); print(before, k.triton_available())")
-    proc = _run_python(code)
-    assert proc.stdout.split()[-2:] == ["True", "False"], proc.stdout + proc.stderr
+    run_under_interpreter("tests.model.kernels.test_decode", "run_triton_interpreter_checks")
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton_available()),

@@ -7,9 +7,9 @@ state into the pool itself, never a new tensor, because the caller holds views o
 its addresses).
 
 Two implementations with one meaning:
-- Triton (CUDA tensors, `import triton` works, `CAPTION_DISABLE_TRITON` unset): one program per (sequence,
-  block of channels) or (sequence, head, block of head dim); each reads its piece of state once and writes it
-  once, so a step costs one pass over the state, which is what bounds decode.
+- Triton (CUDA tensors, see `backend`): one program per (sequence, block of channels) or (sequence, head,
+  block of head dim); each reads its piece of state once and writes it once, so a step costs one pass over
+  the state, which is what bounds decode.
 - pure PyTorch (CPU, or no Triton): gathers the rows, computes, writes back with `index_copy_` (or through a
   view of rows 0..B-1).
 All math is float32; outputs come back in `x.dtype`, states are stored in the pool's dtype.
@@ -17,37 +17,13 @@ All math is float32; outputs come back in `x.dtype`, states are stored in the po
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import torch.nn.functional as F
 
-# Read once at import: the kernels are chosen when the module loads, not per call.
-_TRITON_DISABLED = os.environ.get("CAPTION_DISABLE_TRITON", "").strip().lower() not in ("", "0", "false", "no")
-
-triton = None
-tl = None
-if not _TRITON_DISABLED:
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # not installed, or installed but broken on this platform: use the torch path
-        triton = None
-        tl = None
-
-__all__ = ["conv_update", "ssm_update", "triton_available",
-           "conv_update_torch", "ssm_update_torch", "conv_update_triton", "ssm_update_triton"]
-
-
-def triton_available() -> bool:
-    """True when the Triton kernels are usable (triton imported and not disabled by CAPTION_DISABLE_TRITON)."""
-    return triton is not None
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda
-
+from model.kernels.backend import check_slots as _check_slots
+from model.kernels.backend import device_ctx as _device_ctx
+from model.kernels.backend import require_triton as _require_triton
+from model.kernels.backend import tl, triton, use_triton as _use_triton
 
 # --------------------------------------------------------------------------------------------------------------
 # Public entry points
@@ -109,13 +85,6 @@ def _check_ssm(x, dt, A, B, C, D, dt_bias, ssm_state, slots) -> None:
             raise ValueError(f"ssm_update: {name} {tuple(t.shape)} should be ({heads},)")
     _check_slots(slots, batch, n_slots)
 
-
-def _check_slots(slots, batch, n_slots) -> None:
-    if slots is None:
-        if batch > n_slots:
-            raise ValueError(f"batch of {batch} does not fit a pool of {n_slots} slots")
-    elif slots.dim() != 1 or slots.shape[0] != batch or slots.dtype != torch.long:
-        raise ValueError(f"slots should be a LongTensor of shape ({batch},), got {slots.dtype} {tuple(slots.shape)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,14 +216,6 @@ if triton is not None:
         tl.store(y_ptr + b * y_sb + h * y_sh + p * y_sp, y.to(y_ptr.dtype.element_ty), mask=p_mask)
 
 
-def _require_triton() -> None:
-    if triton is None:
-        raise RuntimeError("Triton is not available (not installed, or CAPTION_DISABLE_TRITON is set)")
-
-
-def _device_ctx(t: torch.Tensor):
-    # Launch on the tensors' GPU, not whichever is current; CPU tensors only reach here under TRITON_INTERPRET.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def conv_update_triton(x, conv_state, weight, bias, slots=None) -> torch.Tensor:
