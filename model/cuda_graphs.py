@@ -2,10 +2,13 @@
 
 A decoding step of this model is about a thousand small kernels; launched one by one from Python,
 their launch time exceeds the GPU time at small batches. Each graph replays a whole step for a
-batch-size bucket (powers of two up to MAX_BATCH_SIZE) and an attention span bucket (powers of two
-from 256 up to MAX_MODEL_LEN). A batch is padded up to its bucket with rows that point at the pool's
-scratch slot, so padding never touches a sequence's state; inputs are copied into static buffers
-before each replay. ENFORCE_EAGER=1 turns this off.
+batch-size bucket (1, 2, 4, 8, then every 8 up to 64, then every 32, up to MAX_BATCH_SIZE: a batch
+pays for at most a few rows it does not have). With the Triton decode attention, which reads each
+row's keys up to its own length, one graph serves every attention span; on the PyTorch path spans are
+bucketed too (powers of two from 256 up to MAX_MODEL_LEN). A batch is padded up to its bucket with
+rows that point at the pool's scratch slot, which the kernels skip, so padding neither touches a
+sequence's state nor moves state memory; inputs are copied into static buffers before each replay.
+ENFORCE_EAGER=1 turns this off.
 """
 
 from __future__ import annotations
@@ -15,10 +18,20 @@ import time
 
 import torch
 
+from model import kernels
 from model.forward import SlotForward
 
 log = logging.getLogger(__name__)
 MIN_SPAN = 256
+
+
+def batch_buckets(limit: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4) if b < limit]
+    size = 8
+    while size < limit:
+        sizes.append(size)
+        size += 8 if size < 64 else 32
+    return sizes + [limit]
 
 
 def _buckets(start: int, limit: int) -> list[int]:
@@ -35,8 +48,9 @@ class DecodeGraphs:
         self.forward = forward
         pool = forward.pool
         self.device = forward.lm.lm_head.weight.device
-        self.batches = _buckets(1, max_batch)
-        self.spans = _buckets(min(MIN_SPAN, pool.max_seq_len), pool.max_seq_len)
+        self.batches = batch_buckets(max_batch)
+        one_span = kernels.triton_available()  # the Triton decode attention reads each row's own length
+        self.spans = [pool.max_seq_len] if one_span else _buckets(min(MIN_SPAN, pool.max_seq_len), pool.max_seq_len)
         rows = self.batches[-1]
         self.ids = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.index = torch.full((rows,), pool.scratch, dtype=torch.long, device=self.device)

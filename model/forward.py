@@ -173,13 +173,13 @@ class SlotForward:
         rows = x.shape[0]
         gate, xbc, dt = self._split(mixer, mixer.in_proj(x[:, 0]))
         xbc = kernels.conv_update(xbc, self.pool.conv[layer], mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
-                                  index)
+                                  index, skip_slot=self.pool.scratch)
         groups, state = mixer.n_groups, mixer.ssm_state_size
         hs, b, c = xbc.split([mixer.intermediate_size, groups * state, groups * state], dim=-1)
         ssm = self.ssm[layer]
         y = kernels.ssm_update(hs.reshape(rows, mixer.num_heads, mixer.head_dim), dt, ssm.A,
                                b.reshape(rows, groups, state), c.reshape(rows, groups, state), ssm.D, ssm.dt_bias,
-                               self.pool.ssm[layer], index)
+                               self.pool.ssm[layer], index, skip_slot=self.pool.scratch)
         return mixer.out_proj(self._gated_norm(mixer, y.reshape(rows, 1, -1), gate[:, None]))
 
     @staticmethod
@@ -197,7 +197,12 @@ class SlotForward:
                 attn.v_proj(x).view(shape).transpose(1, 2))
 
     def _attend(self, attn, q, keys, values, mask) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        # SDPA runs grouped-query attention with a mask only on its math path (scores materialised in
+        # float32); with the key-value heads repeated, the memory-efficient kernel takes the mask.
+        group = q.shape[1] // keys.shape[1]
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
         rows, _, n, _ = out.shape
         return attn.o_proj(out.transpose(1, 2).reshape(rows, n, -1))
 
@@ -229,9 +234,5 @@ class SlotForward:
         slot_index = index if index is not None else torch.arange(rows, device=x.device)
         keys[slot_index, :, positions] = k[:, :, 0]
         values[slot_index, :, positions] = v[:, :, 0]
-        if index is None:
-            keys, values = keys[:rows, :, :length], values[:rows, :, :length]
-        else:
-            keys, values = keys[index, :, :length], values[index, :, :length]
-        mask = torch.arange(length, device=x.device)[None, :] <= positions[:, None]
-        return self._attend(attn, q, keys, values, mask[:, None, None, :])
+        out = kernels.decode_attention(q[:, :, 0], keys, values, index, positions + 1, length, attn.scaling)
+        return attn.o_proj(out.reshape(rows, 1, -1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from model.kernels import backend
+from model.kernels.attention import decode_attention_torch, decode_attention_triton
 from model.kernels.chunk_scan import chunk_scan_torch, chunk_scan_triton
 from model.kernels.decode import conv_update_torch, conv_update_triton, ssm_update_torch, ssm_update_triton
 from model.kernels.norms import add_rms_norm_torch, add_rms_norm_triton, gated_rms_norm_torch, gated_rms_norm_triton
@@ -56,6 +57,11 @@ def _cases(device: torch.device, dtype: torch.dtype) -> None:
     ys = [f(args[0], c, args[2], args[3], slots) for f, c in zip((conv_update_triton, conv_update_torch), convs)]
     _close(ys[0], ys[1], "conv_update (y)")
     _close(convs[0], convs[1], "conv_update (state)")
+    # Decode attention: 5 query heads per key-value head, each row to its own length.
+    keys, values = rand(_SLOTS, 2, 200, 128), rand(_SLOTS, 2, 200, 128)
+    q, lengths = rand(_ROWS, 10, 128), torch.tensor([200, 1, 77], device=device)
+    _close(decode_attention_triton(q, keys, values, slots, lengths, 200, 0.088),
+           decode_attention_torch(q, keys, values, slots, lengths, 200, 0.088), "decode_attention")
     # Norms.
     hidden, residual, weight = rand(_ROWS, 5120), rand(_ROWS, 5120), rand(5120, scale=0.1) + 1
     for a, b in zip(add_rms_norm_triton(hidden, residual, weight, 1e-5), add_rms_norm_torch(hidden, residual, weight, 1e-5)):
@@ -78,4 +84,4 @@ def check_kernels(device: torch.device, dtype: torch.dtype) -> str:
         backend.switch_off(f"{type(exc).__name__}: {exc}")
         return (f"kernels: PyTorch; the Triton kernels failed their start-up check and are off for this process "
                 f"({type(exc).__name__}: {str(exc)[:300]})")
-    return "kernels: Triton (prefill scan, decode step, fused norms) checked against PyTorch at start"
+    return "kernels: Triton (prefill scan, decode step and attention, fused norms) checked against PyTorch at start"

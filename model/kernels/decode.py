@@ -31,29 +31,31 @@ from model.kernels.backend import tl, triton, use_triton as _use_triton
 
 
 def conv_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, skip_slot: int = -1) -> torch.Tensor:
     """One causal depthwise-conv step with SiLU; shifts `x` into `conv_state[slots]` in place.
 
     x: (B, C); conv_state: (S, C, K-1); weight: (C, K); bias: (C,) or None; slots: (B,) distinct or None.
-    Returns silu(conv) as (B, C) in x.dtype.
+    Returns silu(conv) as (B, C) in x.dtype. Rows whose slot is `skip_slot` (a CUDA graph's padding rows)
+    neither read nor write state in the Triton kernel; their output is meaningless.
     """
     _check_conv(x, conv_state, weight, bias, slots)
     if _use_triton(x):
-        return conv_update_triton(x, conv_state, weight, bias, slots)
+        return conv_update_triton(x, conv_state, weight, bias, slots, skip_slot)
     return conv_update_torch(x, conv_state, weight, bias, slots)
 
 
 def ssm_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, dt_bias: torch.Tensor, ssm_state: torch.Tensor,
-               slots: torch.Tensor | None = None) -> torch.Tensor:
+               slots: torch.Tensor | None = None, skip_slot: int = -1) -> torch.Tensor:
     """One selective-state-space step (Mamba2, softplus dt, no dt clamp); updates `ssm_state[slots]` in place.
 
     x: (B, H, P); dt: (B, H) before bias; A, D, dt_bias: (H,); B, C: (B, G, N), head h reads group h // (H/G);
-    ssm_state: (S, H, P, N); slots: (B,) distinct or None. Returns y (B, H, P) in x.dtype.
+    ssm_state: (S, H, P, N); slots: (B,) distinct or None. Returns y (B, H, P) in x.dtype. Rows whose slot
+    is `skip_slot` neither read nor write state in the Triton kernel; their output is meaningless.
     """
     _check_ssm(x, dt, A, B, C, D, dt_bias, ssm_state, slots)
     if _use_triton(x):
-        return ssm_update_triton(x, dt, A, B, C, D, dt_bias, ssm_state, slots)
+        return ssm_update_triton(x, dt, A, B, C, D, dt_bias, ssm_state, slots, skip_slot)
     return ssm_update_torch(x, dt, A, B, C, D, dt_bias, ssm_state, slots)
 
 
@@ -143,7 +145,7 @@ if triton is not None:
     @triton.jit
     def _conv_update_kernel(
         x_ptr, state_ptr, w_ptr, bias_ptr, slots_ptr, out_ptr,
-        channels,
+        channels, skip_slot,
         x_sb, x_sc, st_ss, st_sc, st_sk, w_sc, w_sk, out_sb, out_sc,
         WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -155,6 +157,7 @@ if triton is not None:
         else:
             slot = b.to(tl.int64)
         state = state_ptr + slot * st_ss + c * st_sc
+        live = mask & ((c * 0 + slot) != skip_slot)  # a padding row moves no state
 
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_BIAS:
@@ -162,14 +165,14 @@ if triton is not None:
         # Taps 0..K-2 come from the state. Each column is read once and written back one place to the left
         # (column k-1 was already read on the previous iteration), which is the shift.
         for k in tl.static_range(WIDTH - 1):
-            s_k = tl.load(state + k * st_sk, mask=mask)
+            s_k = tl.load(state + k * st_sk, mask=live, other=0.0)
             acc += s_k.to(tl.float32) * tl.load(w_ptr + c * w_sc + k * w_sk, mask=mask).to(tl.float32)
             if k > 0:
-                tl.store(state + (k - 1) * st_sk, s_k, mask=mask)
+                tl.store(state + (k - 1) * st_sk, s_k, mask=live)
         # The last tap is the new input, which also becomes the newest state column.
         xv = tl.load(x_ptr + b * x_sb + c * x_sc, mask=mask)
         acc += xv.to(tl.float32) * tl.load(w_ptr + c * w_sc + (WIDTH - 1) * w_sk, mask=mask).to(tl.float32)
-        tl.store(state + (WIDTH - 2) * st_sk, xv.to(state_ptr.dtype.element_ty), mask=mask)
+        tl.store(state + (WIDTH - 2) * st_sk, xv.to(state_ptr.dtype.element_ty), mask=live)
 
         out = acc * tl.sigmoid(acc)  # silu
         tl.store(out_ptr + b * out_sb + c * out_sc, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -177,7 +180,7 @@ if triton is not None:
     @triton.jit
     def _ssm_update_kernel(
         x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, state_ptr, slots_ptr, y_ptr,
-        head_dim, state_size, heads_per_group,
+        head_dim, state_size, heads_per_group, skip_slot,
         x_sb, x_sh, x_sp, dt_sb, dt_sh, b_sb, b_sg, b_sn, c_sb, c_sg, c_sn,
         st_ss, st_sh, st_sp, st_sn, y_sb, y_sh, y_sp,
         HAS_SLOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -206,7 +209,8 @@ if triton is not None:
 
         # The (BLOCK_P, N) state tile: read once, updated in registers, written once.
         tile = state_ptr + slot * st_ss + h * st_sh + p[:, None] * st_sp + n[None, :] * st_sn
-        tile_mask = p_mask[:, None] & n_mask[None, :]
+        live = (p * 0 + slot) != skip_slot  # (BLOCK_P,): a padding row moves no state
+        tile_mask = (p_mask & live)[:, None] & n_mask[None, :]
         state = tl.load(tile, mask=tile_mask, other=0.0).to(tl.float32)
         state = state * decay + (dt * x)[:, None] * bv[None, :]
         tl.store(tile, state.to(state_ptr.dtype.element_ty), mask=tile_mask)
@@ -216,9 +220,7 @@ if triton is not None:
         tl.store(y_ptr + b * y_sb + h * y_sh + p * y_sp, y.to(y_ptr.dtype.element_ty), mask=p_mask)
 
 
-
-
-def conv_update_triton(x, conv_state, weight, bias, slots=None) -> torch.Tensor:
+def conv_update_triton(x, conv_state, weight, bias, slots=None, skip_slot: int = -1) -> torch.Tensor:
     _require_triton()
     batch, channels = x.shape
     out = torch.empty_like(x)
@@ -229,7 +231,7 @@ def conv_update_triton(x, conv_state, weight, bias, slots=None) -> torch.Tensor:
     with _device_ctx(x):
         _conv_update_kernel[grid](
             x, conv_state, weight, bias if bias is not None else weight, slots if slots is not None else x, out,
-            channels,
+            channels, skip_slot,
             x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
             WIDTH=width, HAS_BIAS=bias is not None, HAS_SLOTS=slots is not None, BLOCK_C=_CONV_BLOCK_C,
@@ -237,7 +239,7 @@ def conv_update_triton(x, conv_state, weight, bias, slots=None) -> torch.Tensor:
     return out
 
 
-def ssm_update_triton(x, dt, A, B, C, D, dt_bias, ssm_state, slots=None) -> torch.Tensor:
+def ssm_update_triton(x, dt, A, B, C, D, dt_bias, ssm_state, slots=None, skip_slot: int = -1) -> torch.Tensor:
     _require_triton()
     batch, heads, head_dim = x.shape
     state_size = ssm_state.shape[-1]
@@ -248,7 +250,7 @@ def ssm_update_triton(x, dt, A, B, C, D, dt_bias, ssm_state, slots=None) -> torc
     with _device_ctx(x):
         _ssm_update_kernel[grid](
             x, dt, A, B, C, D, dt_bias, ssm_state, slots if slots is not None else x, y,
-            head_dim, state_size, heads // B.shape[1],
+            head_dim, state_size, heads // B.shape[1], skip_slot,
             x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1),
             B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
             ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), ssm_state.stride(3),

@@ -246,6 +246,29 @@ def test_shape_errors():
 # Tests: the Triton kernels (interpreter on CPU; compiled on a GPU)
 # --------------------------------------------------------------------------------------------------------------
 
+def check_skip_slot(device="cpu"):
+    """A row whose slot is the skip slot (a graph's padding row) leaves that slot's state exactly as it was,
+    and the other rows get the same results as without it."""
+    gen = torch.Generator().manual_seed(5)
+    x, dt, A, B, C, D, dt_bias, pool = ssm_case(gen, 3, F32, F32, device)
+    slots = torch.tensor([4, 1, 6], device=device)
+    alone = pool.clone()
+    y_alone = kernels.ssm_update_triton(x[:2], dt[:2], A, B[:2], C[:2], D, dt_bias, alone, slots[:2])
+    before = pool.clone()
+    y = kernels.ssm_update_triton(x, dt, A, B, C, D, dt_bias, pool, slots, skip_slot=6)
+    assert torch.equal(pool[6], before[6])
+    torch.testing.assert_close(y[:2], y_alone)
+    torch.testing.assert_close(pool, alone)
+    x, state, weight, bias = conv_case(gen, 3, F32, True, device)
+    alone = state.clone()
+    out_alone = kernels.conv_update_triton(x[:2], alone, weight, bias, slots[:2])
+    before = state.clone()
+    out = kernels.conv_update_triton(x, state, weight, bias, slots, skip_slot=6)
+    assert torch.equal(state[6], before[6])
+    torch.testing.assert_close(out[:2], out_alone)
+    torch.testing.assert_close(state, alone)
+
+
 def run_triton_interpreter_checks() -> None:
     """Entry point for the subprocess: every case through the Triton kernels, on CPU tensors."""
     assert kernels.triton_available(), "triton did not import"
@@ -254,6 +277,7 @@ def run_triton_interpreter_checks() -> None:
             check_conv(kernels.conv_update_triton, *args)
         else:
             check_ssm(kernels.ssm_update_triton, *args)
+    check_skip_slot()
     print("interpreter checks passed")
 
 
@@ -273,3 +297,4 @@ def test_triton_on_gpu():
             check_conv(kernels.conv_update, *args, device="cuda")
         else:
             check_ssm(kernels.ssm_update, *args, device="cuda")
+    check_skip_slot(device="cuda")
