@@ -2,8 +2,8 @@
 
 Triton is imported once, when this module loads: `CAPTION_DISABLE_TRITON` (any value but empty, 0,
 false, no) or a triton that does not import leaves `triton` None, and every kernel takes its PyTorch
-path. Kernels run on CUDA tensors only; CPU tensors reach a Triton kernel only in tests, under
-TRITON_INTERPRET=1.
+path. Kernels run on CUDA tensors; CPU tensors reach them only under TRITON_INTERPRET=1 (the tests, and
+the launch counts of bench.ops).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and triton_available()
+    # Under the interpreter the kernels run on CPU tensors too: how launches are counted without a GPU.
+    return (t.is_cuda or interpreting()) and triton_available()
 
 
 def switch_off(reason: str) -> None:

@@ -8,6 +8,7 @@ import torch
 from model.forward import SlotForward
 from model.loader import load_model
 from model.state_pool import MAMBA, StatePool
+from tests.model.kernels.helpers import run_python, skip_without_triton
 
 TOKENS = 40
 
@@ -124,3 +125,37 @@ def test_decode_in_any_slots_equals_decode_in_rows(model):
     alone = torch.cat([forward_for(model).prefill([0], [torch.cat([x, model.embed_tokens(torch.tensor([t]))])], [0])
                        for x, t in zip(prompts, tokens)])
     torch.testing.assert_close(rows, alone, rtol=1e-4, atol=1e-4)
+
+
+def run_forward_with_and_without_triton(tiny_path: str) -> None:
+    """Subprocess entry (TRITON_INTERPRET=1): the same prefill chunks and decode steps through the Triton
+    kernels and through their PyTorch twins give the same logits and the same slot states."""
+    from model.kernels import backend
+
+    model, _, _ = load_model(tiny_path, None, "cpu", "float32")
+
+    def run():
+        fwd = forward_for(model, slots=4)
+        a, b = embeds(model, 11, 30), embeds(model, 12, 9)
+        out = [fwd.prefill([2, 0], [a[:20], b], [0, 0]), fwd.prefill([2], [a[20:]], [20])]
+        for step in range(3):
+            out.append(fwd.decode([0, 2], [5 + step, 9 + step]))
+        states = [t.clone() for pool in (fwd.pool.conv, fwd.pool.ssm, fwd.pool.keys) for t in pool.values()]
+        return out, states
+
+    assert backend.use_triton(torch.zeros(1)), "the interpreter should route CPU tensors to the kernels"
+    triton_out, triton_states = run()
+    backend.switch_off("compare with the PyTorch path")
+    torch_out, torch_states = run()
+    for got, want in zip(triton_out + triton_states, torch_out + torch_states):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    print("interpreter checks passed")
+
+
+@skip_without_triton
+@pytest.mark.slow
+def test_the_forward_through_the_triton_kernels_equals_the_pytorch_path(tiny_path):
+    proc = run_python("from tests.model.test_forward import run_forward_with_and_without_triton as run; "
+                      f"run({str(tiny_path)!r})", TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "interpreter checks passed" in proc.stdout, proc.stdout + proc.stderr
