@@ -131,8 +131,9 @@ if triton is not None:
             segment = tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))
             weights = scores * tl.exp(segment) * dt[None, :]
             y = tl.dot(weights.to(xv.dtype), xv)
-            # From the state entering the chunk, decayed to t; then the skip connection.
-            y += tl.exp(cum)[:, None] * tl.dot(cv.to(tl.float32), tl.trans(state))
+            # From the state entering the chunk, decayed to t (the state's copy in the input dtype feeds the
+            # tensor cores, as in the reference kernels; the state itself stays float32); then the skip.
+            y += tl.exp(cum)[:, None] * tl.dot(cv, tl.trans(state).to(cv.dtype))
             y += d_h * xv.to(tl.float32)
             tl.store(y_row + t[:, None] * y_st + p[None, :] * y_sp, y.to(y_ptr.dtype.element_ty),
                      mask=t_mask[:, None] & p_mask[None, :])
