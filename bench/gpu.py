@@ -28,6 +28,10 @@ times), server.log and steps.jsonl. `--tiny` runs the same code on the CPU with 
 
 from __future__ import annotations
 
+import time
+
+_T0 = time.monotonic()  # the run's budget counts from here, imports included
+
 import argparse
 import contextlib
 import gc
@@ -38,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
@@ -77,8 +80,6 @@ RESULT_KEYS = ("device", "commit", "date", "quantization", "measured_bandwidth_t
                "decode_ms_per_token", "decode_ms", "prefill_ms", "prefill_step_ms", "vit_ms_per_tile",
                "captions_per_s", "peak_memory_gb", "memory_after_load_gb", "batch_invariance", "kernels_per_step",
                "step_log", "errors", "roofline")
-
-_T0 = time.monotonic()
 
 
 def log(message: str) -> None:
@@ -718,11 +719,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-http", action="store_true", help="in-process figures only")
     p.add_argument("--compare-eager", action="store_true", help="also time decoding without CUDA graphs")
     p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds for the whole run (default {TOTAL_BUDGET_S:.0f}): HTTP levels shrink or are skipped "
-                        "to end within it")
+                   help=f"seconds for the whole run (default {TOTAL_BUDGET_S:.0f} on a GPU): HTTP levels shrink or are "
+                        "skipped to end within it")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    deadline = _T0 + (args.budget or TOTAL_BUDGET_S)
+    deadline = _T0 + (args.budget or (float("inf") if args.tiny else TOTAL_BUDGET_S))
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA GPU is visible: run with --tiny on a CPU")
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
@@ -732,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         checkpoint, device, load_format = write_dummy_checkpoint(work / "full"), "cuda", "dummy"
         name = torch.cuda.get_device_name(0)
-    out = args.out or ROOT / "bench" / "results" / card(name).slug
+    out = (args.out or ROOT / "bench" / "results" / card(name).slug).resolve()
     # A copy of the tree on another machine may carry stale git metadata: BENCH_COMMIT names the commit sent.
     run = Run(out, name, os.environ.get("BENCH_COMMIT") or git_commit(), args.tiny)
     log(f"{name}: results in {out}")
