@@ -681,7 +681,7 @@ def _profile_lines(profiles: dict, counts: dict) -> list[str]:
 
 
 def _http_lines(http: dict, step_log: dict | None) -> list[str]:
-    if not http:
+    if not http and not step_log:
         return []
     lines = ["", "## Over HTTP", "",
              "| level | warm-up s (answers) | window s | ok in window | errors | captions/s | output tok/s | "
