@@ -397,7 +397,7 @@ def in_process(run: Run, checkpoint: Path, device: str, load_format: str, compar
             torch_device, (1 << 30) if big else (1 << 24), 20 if big else 3))
         flops = run.soft("measured GEMM", lambda: measure_gemm(torch_device, 8192 if big else 256, 10 if big else 2))
         run.results["measured_bandwidth_tb_s"] = round(bandwidth / 1e12, 3) if bandwidth else None
-        run.results["measured_gemm_tflops"] = round(flops / 1e12, 1) if flops else None
+        run.results["measured_gemm_tflops"] = round(flops / 1e12, 3) if flops else None
         run.set_card(bandwidth, flops)
         log(f"{run.results['device']}: roofline of {run.gpu.name} ({run.gpu.bandwidth / 1e12:.2f} TB/s, "
             f"{run.gpu.bf16_flops / 1e12:.0f} TFLOP/s); measured {run.results['measured_bandwidth_tb_s']} TB/s, "
