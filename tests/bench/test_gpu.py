@@ -1,5 +1,5 @@
-"""`python -m bench.gpu`: the report, the HTTP window, the step log and the budget, without a GPU; the whole code
-path on the CPU with the tiny checkpoint (slow)."""
+"""`python -m bench.gpu`: the report, the level budgets and a missing step log, without a GPU; the whole code path
+on the CPU with the tiny checkpoint (slow)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import sys
 import pytest
 
 from bench import gpu
-from bench.http_loop import Completion, Limits, closed_loop, window_summary
 from bench.roofline import card, figures
-from bench.steps import read_steps, summarize_steps
+from bench.steps import summarize_steps
 from tests.helpers import ROOT
 
 KEYS = ["device", "commit", "date", "quantization", "measured_bandwidth_tb_s", "measured_gemm_tflops",
@@ -21,58 +20,12 @@ KEYS = ["device", "commit", "date", "quantization", "measured_bandwidth_tb_s", "
         "roofline"]
 
 
-def test_window_counts_only_answers_inside_it():
-    completions = [Completion(0.0, 0.5, True, 128),  # warm-up: not counted
-                   Completion(0.2, 1.0, True, 128), Completion(0.4, 1.5, True, 128),
-                   Completion(0.9, 2.5, False, 0, "HTTP 500"),
-                   Completion(1.0, 3.0, True, 128)]  # at the window's end: out
-    out = window_summary(completions, 1.0, 3.0)
-    assert out["answered"] == 3 and out["ok"] == 2 and out["errors"] == {"HTTP 500": 1}
-    assert out["captions_per_s"] == pytest.approx(1.0) and out["output_tokens_per_s"] == pytest.approx(128.0)
-    assert out["latency_ms"]["p50"] == pytest.approx(950.0)  # of 800 and 1,100 ms
-    assert window_summary([], 0.0, 1.0)["captions_per_s"] == 0.0
-
-
 def test_level_limits_shrink_to_the_time_left():
     full = gpu.level_limits(20, 30, 10, 64, remaining=1000)
     assert (full.warmup_s, full.window_s, full.drain_s, full.min_completions) == (20, 30, 10, 256)
     half = gpu.level_limits(20, 30, 10, 64, remaining=45, reserve=15)
     assert half.warmup_s + half.window_s + half.drain_s == pytest.approx(30)
     assert gpu.level_limits(20, 30, 10, 64, remaining=20, reserve=15) is None
-
-
-def test_closed_loop_against_the_mock_service(mock_service):
-    from bench.run import build_body, parse_args
-    from bench.images import make_image
-    from tests.conftest import API_KEY
-
-    args = parse_args(["--url", mock_service.url, "--max-tokens", "4", "--ignore-eos"])
-    bodies = [build_body(make_image(i, 64, 64), args) for i in range(3)]
-    headers = {"Accept": "application/json", "Authorization": f"Bearer {API_KEY}"}
-    out = closed_loop(f"{mock_service.url}/v1/chat/completions", bodies, 3, Limits(5.0, 5.0, 12, 5.0), headers)
-    assert out["warmup_answers"] >= 3 and out["ok"] >= 12 and not out["errors"]
-    assert out["window_s"] < 5.0  # ended on the count, not the cap
-    assert out["captions_per_s"] == pytest.approx(out["ok"] / out["window_s"], rel=1e-2)
-    assert out["mean_completion_tokens"] == 4 and out["still_out_after_drain"] == 0
-    assert out["window_unix"][0] < out["window_unix"][1]
-
-
-def test_step_log_summary(tmp_path):
-    path = tmp_path / "steps.jsonl"
-    lines = [{"t": 100.0 + i, "prefill_tokens": 2048 if i % 4 == 0 else 0, "prefill_rows": 1 if i % 4 == 0 else 0,
-              "decode_rows": 64, "running": 64, "waiting": 3, "gpu_ms": 20.0 + i, "host_ms": 5.0} for i in range(8)]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"t\": 200, \"gpu_")  # a half-written last line
-    records = read_steps(path)
-    assert len(records) == 8
-    whole = summarize_steps(records)
-    assert whole["steps"] == 8 and whole["mean_decode_rows"] == 64 and whole["share_with_prefill"] == 0.25
-    assert whole["gpu_ms"]["mean"] == pytest.approx(23.5) and whole["gpu_ms"]["p50"] == pytest.approx(23.5)
-    assert whole["host_ms"] == {"mean": 5.0, "p50": 5.0, "p90": 5.0}
-    assert whole["host_share_of_wall"] == pytest.approx(40 / (188 + 40), abs=1e-3)
-    window = summarize_steps(records, 102.0, 104.0)
-    assert window["steps"] == 2 and window["share_with_prefill"] == 0.0
-    assert read_steps(tmp_path / "absent.jsonl") is None
-    assert summarize_steps([], 0, 1)["steps"] == 0
 
 
 def test_missing_step_log_is_reported_not_fatal(tmp_path):
