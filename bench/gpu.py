@@ -555,7 +555,7 @@ def over_http(run: Run, checkpoint: Path, device: str, load_format: str, deadlin
     finally:
         with run.phase("server stop"):
             stop_server(proc)
-    summarize_step_log(run, step_log)
+        summarize_step_log(run, step_log)
 
 
 def summarize_step_log(run: Run, path: Path) -> None:
