@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU run, on a bare GPU machine with PyTorch but without our other packages and without internet:
-#     BENCH_COMMIT=<commit> bash bench/gpu.sh   # results in $OUT (default bench/results/local)
+#     BENCH_COMMIT=<commit> OUT=<dir> bash bench/gpu.sh   # results in $OUT (default bench/results/<card>)
 # It installs the wheels carried in .whl/ (an ignored folder, filled beforehand on a machine with
-# internet by the one command below), then runs `python -m bench.gpu --out "$OUT"`.
+# internet by the one command below), then runs `python -m bench.gpu`, which ends within its budget
+# (330 s after it starts; --budget SECONDS to change), under a hard `timeout` of 420 s that still leaves
+# the figures of every finished phase. Files in $OUT: results.json, results.md, extra.json, server.log,
+# steps.jsonl (the service's per-step log, where the service writes one) and log.txt (this output).
 #
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_26_x86_64 --platform manylinux_2_17_x86_64 \
@@ -19,6 +22,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-OUT="${OUT:-bench/results/local}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -m bench.gpu --out "$OUT" "$@"
+OUT="${OUT:-}"
+out_args=()
+log=/dev/null
+if [ -n "$OUT" ]; then
+    mkdir -p "$OUT"
+    out_args=(--out "$OUT")
+    log="$OUT/log.txt"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } 2>&1 | tee "$log"
+timeout -k 15 420 python3 -m bench.gpu ${out_args[@]+"${out_args[@]}"} "$@" 2>&1 | tee -a "$log"

@@ -1,4 +1,4 @@
-"""Roofline model of Nemotron Nano 12B v2 VL captioning on one H100 SXM: `python bench/roofline.py`.
+"""Roofline model of Nemotron Nano 12B v2 VL captioning on one GPU: `python bench/roofline.py [--card H200]`.
 
 Everything is computed from the architecture constants below (sources in docs/BENCHMARKS.md), so the
 numbers in the doc can be regenerated. A roofline is an upper bound: every kernel at peak bandwidth
@@ -187,6 +187,57 @@ class GPU:
     bandwidth: float = 3.35e12  # bytes/s, HBM3
     bf16_flops: float = 989e12  # dense tensor-core peak
     memory: float = 80e9
+    slug: str = "h100"  # the results folder: bench/results/<slug>
+
+
+# Spec-sheet figures (NVIDIA data sheets): memory bandwidth and dense (not sparse) bf16 tensor FLOP/s.
+# Matched against torch.cuda.get_device_name(): each entry lists words that must all appear in the upper-cased
+# name, most specific first (an "H100 PCIe" must not be taken for the SXM part, nor an "H200 NVL" for the H200).
+CARDS: tuple[tuple[tuple[str, ...], GPU], ...] = (
+    (("GH200",), GPU("GH200 96GB", 4.0e12, 989e12, 96e9, "gh200")),
+    (("H200", "NVL"), GPU("H200 NVL 141GB", 4.8e12, 835e12, 141e9, "h200-nvl")),
+    (("H200",), GPU("H200 SXM 141GB", 4.8e12, 989e12, 141e9, "h200")),
+    (("H100", "PCIE"), GPU("H100 PCIe 80GB", 2.0e12, 756e12, 80e9, "h100-pcie")),
+    (("H100", "NVL"), GPU("H100 NVL 94GB", 3.9e12, 835e12, 94e9, "h100-nvl")),
+    (("H100",), GPU("H100 SXM 80GB", 3.35e12, 989e12, 80e9, "h100")),
+    (("H800",), GPU("H800 SXM 80GB", 3.35e12, 989e12, 80e9, "h800")),
+    (("B200",), GPU("B200 180GB", 8.0e12, 2250e12, 180e9, "b200")),
+    (("A100", "80GB", "PCIE"), GPU("A100 PCIe 80GB", 1.935e12, 312e12, 80e9, "a100-80gb-pcie")),
+    (("A100", "80GB"), GPU("A100 SXM 80GB", 2.039e12, 312e12, 80e9, "a100-80gb")),
+    (("A100",), GPU("A100 40GB", 1.555e12, 312e12, 40e9, "a100-40gb")),
+    (("L40S",), GPU("L40S 48GB", 0.864e12, 362e12, 48e9, "l40s")),
+    (("L40",), GPU("L40 48GB", 0.864e12, 181e12, 48e9, "l40")),
+    (("A10G",), GPU("A10G 24GB", 0.6e12, 70e12, 24e9, "a10g")),
+    (("L4",), GPU("L4 24GB", 0.3e12, 121e12, 24e9, "l4")),
+)
+
+
+def slug_of(name: str) -> str:
+    """'NVIDIA Foo Bar 48GB' -> 'foo-bar-48gb': a folder name of letters, digits and dashes."""
+    words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
+    return "-".join(w for w in words if w != "nvidia") or "gpu"
+
+
+def card(device_name: str, measured_bandwidth: float | None = None, measured_flops: float | None = None) -> GPU:
+    """The roofline of the card called `device_name` (torch.cuda.get_device_name()).
+
+    A card not in CARDS is an "unknown card": its bounds are what this run measured on it (device-to-device
+    copy, bf16 GEMM), else an H100 SXM's figures, and the name says which."""
+    upper = device_name.upper().replace("-", " ")
+    words = set(upper.split())
+    for needed, gpu in CARDS:
+        # Whole words where the name has them ("L4" is not "L40S"); A100 names carry "80GB" inside "A100-SXM4-80GB".
+        if all(w in words or (len(w) > 3 and w in upper) for w in needed):
+            return gpu
+    default = GPU()
+    if measured_bandwidth and measured_flops:
+        how = "measured bandwidth and GEMM"
+    elif measured_bandwidth or measured_flops:
+        how = "measured " + ("bandwidth" if measured_bandwidth else "GEMM") + ", the rest as an H100 SXM"
+    else:
+        how = "nothing measured: an H100 SXM's figures"
+    return GPU(f"unknown card {device_name!r} ({how})", measured_bandwidth or default.bandwidth,
+               measured_flops or default.bf16_flops, default.memory, slug_of(device_name))
 
 
 @dataclass(frozen=True)
@@ -240,17 +291,42 @@ def figures(ssm_bytes: int = 4, gpu: GPU = GPU(), text_tokens: int = 40, output_
     def caption(tiles: int, concurrency: int) -> dict:
         return scenario(lm, vis, gpu, Scenario("", tiles, text_tokens, output_tokens, concurrency), ssm_bytes)
 
-    one_tile_context = vis.image_tokens_per_tile + text_tokens + output_tokens // 2
+    def context(tiles: int) -> int:
+        return tiles * vis.image_tokens_per_tile + text_tokens + output_tokens // 2
+
+    def decode(tiles: int) -> dict:
+        return {str(b): round(step_seconds(lm, gpu, b, context(tiles), ssm_bytes)[0] * 1e3, 3) for b in (1, 16, 64)}
+
+    one_tile_prompt = vis.image_tokens_per_tile + text_tokens
+    chunk = 2048
     return {
         "device": gpu.name,
-        "decode_ms_per_token": {str(b): round(step_seconds(lm, gpu, b, one_tile_context, ssm_bytes)[0] * 1e3, 3)
-                                for b in (1, 16, 64)},
+        "bandwidth_tb_s": round(gpu.bandwidth / 1e12, 3),
+        "tflops": round(gpu.bf16_flops / 1e12, 1),
+        "decode_ms_per_token": decode(1),
+        "decode_ms_per_token_13_tiles": decode(13),
         "prefill_ms": {"1_tile": round(caption(1, 1)["prefill_ms"], 3), "13_tiles": round(caption(13, 1)["prefill_ms"], 3)},
+        # One engine step in which n one-tile requests join (vision encoder and prompt of each), and the first
+        # 2,048-token step of a 13-tile prompt (its 13 tiles through the vision encoder, 2,048 prompt tokens).
+        "prefill_step_ms": {
+            **{f"{n}x1_tile": round(n * caption(1, 1)["prefill_ms"], 3) for n in (1, 4, 7)},
+            "13_tiles_first_2048": round((13 * vis.flops_per_tile() + lm.prefill_flops(chunk)) / gpu.bf16_flops * 1e3,
+                                         3),
+        },
+        "prefill_tokens_per_s": round(one_tile_prompt / (caption(1, 1)["prefill_ms"] / 1e3)),
         "vit_ms_per_tile": round(vis.flops_per_tile() / gpu.bf16_flops * 1e3, 4),
         "captions_per_s": {f"{t}tile_{output_tokens}tok_c{c}": round(caption(t, c)["captions_per_s"], 2)
                            for t in (1, 13) for c in (16, 64)},
         "peak_memory_gb": round(caption(13, 64)["memory_gb"], 2),
     }
+
+
+def weights_floor_ms(bandwidth: float) -> float:
+    """Batch-1 decode at a given bandwidth (bytes/s): weights + state + KV of a 1-tile context, read once."""
+    lm, vis = LMArch(), VisionArch()
+    context = vis.image_tokens_per_tile + 40 + 64
+    state = 2 * (lm.ssm_state_bytes(4) + lm.conv_state_bytes())
+    return (lm.streamed_params() * 2 + state + context * lm.kv_bytes_per_token()) / bandwidth * 1e3
 
 
 def report(ssm_bytes: int = 4, gpu: GPU = GPU()) -> str:
@@ -311,10 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ssm-state-bytes", type=int, choices=(2, 4), default=4,
                         help="bytes per Mamba ssm-state element (4 = fp32, 2 = bf16)")
-    parser.add_argument("--bandwidth", type=float, default=3.35, help="TB/s")
-    parser.add_argument("--tflops", type=float, default=989.0, help="dense bf16 TFLOP/s")
+    parser.add_argument("--card", default=None,
+                        help="a device name (H100, H200, A100 80GB, L40S, ...): that card's spec-sheet figures")
+    parser.add_argument("--bandwidth", type=float, default=None, help="TB/s (default: the card's, else 3.35)")
+    parser.add_argument("--tflops", type=float, default=None, help="dense bf16 TFLOP/s (default: the card's, else 989)")
     args = parser.parse_args(argv)
-    gpu = GPU(bandwidth=args.bandwidth * 1e12, bf16_flops=args.tflops * 1e12)
+    base = card(args.card) if args.card else GPU()
+    gpu = GPU(base.name, args.bandwidth * 1e12 if args.bandwidth else base.bandwidth,
+              args.tflops * 1e12 if args.tflops else base.bf16_flops, base.memory, base.slug)
     print(report(args.ssm_state_bytes, gpu), end="")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM, RadioConfig, RadioModel
 
@@ -61,3 +62,35 @@ def test_report_prints_the_scenarios(capsys):
     assert roofline.main([]) == 0
     out = capsys.readouterr().out
     assert "12,310,001,152" in out and "(a) 1 tile" in out and "(b) 13 tiles" in out
+
+
+@pytest.mark.parametrize("name, expected, slug", [
+    ("NVIDIA H200", "H200 SXM 141GB", "h200"), ("NVIDIA H200 NVL", "H200 NVL 141GB", "h200-nvl"),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM 80GB", "h100"), ("NVIDIA H100 PCIe", "H100 PCIe 80GB", "h100-pcie"),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB", "a100-80gb"), ("NVIDIA A100-SXM4-40GB", "A100 40GB", "a100-40gb"),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB", "a100-80gb-pcie"), ("NVIDIA L40S", "L40S 48GB", "l40s"),
+    ("NVIDIA GH200 480GB", "GH200 96GB", "gh200"), ("NVIDIA L4", "L4 24GB", "l4"),
+])
+def test_card_is_picked_by_device_name(name, expected, slug):
+    gpu = roofline.card(name)
+    assert (gpu.name, gpu.slug) == (expected, slug)
+
+
+def test_unknown_card_uses_what_was_measured():
+    gpu = roofline.card("Tesla V100-SXM2-16GB", 0.8e12, 110e12)
+    assert gpu.name.startswith("unknown card 'Tesla V100-SXM2-16GB'") and "measured" in gpu.name
+    assert (gpu.bandwidth, gpu.bf16_flops, gpu.slug) == (0.8e12, 110e12, "tesla-v100-sxm2-16gb")
+    fallback = roofline.card("Some Future GPU")
+    assert "nothing measured" in fallback.name and fallback.bandwidth == GPU().bandwidth
+
+
+def test_figures_carry_the_cards_bounds():
+    h200 = roofline.figures(gpu=roofline.card("NVIDIA H200"))
+    h100 = roofline.figures()
+    assert (h200["bandwidth_tb_s"], h200["tflops"]) == (4.8, 989.0)
+    assert 37 < h200["captions_per_s"]["1tile_128tok_c64"] < 39  # about 38, where an H100 SXM gives 29.5
+    assert h100["captions_per_s"]["1tile_128tok_c64"] == 29.51
+    assert h200["decode_ms_per_token_13_tiles"]["64"] > h200["decode_ms_per_token"]["64"]
+    steps = h200["prefill_step_ms"]
+    assert steps["7x1_tile"] == pytest.approx(7 * steps["1x1_tile"], rel=1e-3)
+    assert set(steps) == {"1x1_tile", "4x1_tile", "7x1_tile", "13_tiles_first_2048"}
