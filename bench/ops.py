@@ -6,7 +6,7 @@ seconds on a CPU and launch work can be tracked between GPU runs. Every ATen op 
 metadata op (empty, detach, alias, sizes...) counts as one kernel, read with a TorchDispatchMode after
 composite ops are decomposed (so `.to()` counts only when it copies, `linear` as its one GEMM); each
 Triton kernel launch counts as one, and so that the count follows the GPU's choice, the model code's
-"use Triton?" predicates (`_use_triton*` in model/) answer yes and Triton launches are counted without
+"use Triton?" question (model/kernels/backend.py) answers yes and Triton launches are counted without
 running (outputs then hold garbage, which the counts do not depend on). Where Triton is not installed,
 its kernels are counted as their PyTorch fallbacks.
 
@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import os
-import pkgutil
 import sys
 import time
 from collections import Counter
@@ -145,7 +143,7 @@ class OpCounter(TorchDispatchMode):
 
 class TritonLaunches:
     """Counts Triton kernel launches (each outermost `run` of a jitted, autotuned or heuristic kernel) without
-    running them, and makes the model's `_use_triton*` predicates answer yes, as on a GPU."""
+    running them, and routes the model's kernels to Triton, as on a GPU."""
 
     def __init__(self, counter: OpCounter, force: bool = True):
         self.counter = counter
@@ -174,14 +172,12 @@ class TritonLaunches:
 
         for owner, attr in ((jit.JITFunction, "run"), (autotuner.Autotuner, "run"), (autotuner.Heuristics, "run")):
             self._patch(owner, attr, launch(getattr(owner, attr)))
-        import model
+        if self.force:
+            from model.kernels import backend
 
-        for info in pkgutil.iter_modules(model.__path__) if self.force else ():
-            module = importlib.import_module(f"model.{info.name}")
-            for attr in dir(module):
-                if attr.startswith("_use_triton") and callable(getattr(module, attr)):
-                    self._patch(module, attr, lambda *a, **k: True)
-                    self.forced.append(f"model.{info.name}.{attr}")
+            backend.force_triton(True)
+            self._patches.append((backend, "_forced", False))
+            self.forced.append("model.kernels.backend.force_triton")
         return self
 
     def _patch(self, owner, attr: str, value) -> None:

@@ -75,9 +75,7 @@ class SlotForward:
         time step is zero (the state neither decays nor takes input), its inputs are zeroed, its keys are
         not written, and no real position attends to it.
         """
-        for slot, start in zip(slots, starts):
-            if start == 0:
-                self.pool.reset(slot)
+        self.pool.reset_slots([slot for slot, start in zip(slots, starts) if start == 0])
         rows, width = len(slots), max(e.shape[0] for e in embeds)
         device = embeds[0].device
         lengths = torch.tensor([e.shape[0] for e in embeds], device=device)

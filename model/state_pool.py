@@ -70,8 +70,15 @@ class StatePool:
 
     def reset(self, slot: int) -> None:
         """A new sequence starts here: no past input for the convolution, no recurrent state."""
-        for conv in self.conv.values():
-            conv[slot].zero_()
-        for ssm in self.ssm.values():
-            ssm[slot].zero_()
-        self.lengths[slot] = 0
+        self.reset_slots([slot])
+
+    def reset_slots(self, slots: list[int]) -> None:
+        """`reset` for several slots at once: one kernel per state tensor, whatever the number of slots."""
+        if not slots:
+            return
+        device = next(iter(self.conv.values())).device if self.conv else None
+        index = torch.tensor(slots, device=device) if len(slots) > 1 else slots[0]
+        for state in (*self.conv.values(), *self.ssm.values()):
+            state[index] = 0
+        for slot in slots:
+            self.lengths[slot] = 0

@@ -27,6 +27,7 @@ if not _TRITON_DISABLED:
 
 
 _switched_off: str | None = None  # why the start-up check turned the kernels off, if it did
+_forced = False  # every tensor takes the Triton path (bench.ops counts launches on a CPU this way)
 
 
 def triton_available() -> bool:
@@ -36,8 +37,15 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    # Under the interpreter the kernels run on CPU tensors too: how launches are counted without a GPU.
-    return (t.is_cuda or interpreting()) and triton_available()
+    # Under the interpreter the kernels run on CPU tensors too (the tests of the kernels in the model).
+    return (t.is_cuda or interpreting() or _forced) and triton_available()
+
+
+def force_triton(on: bool) -> None:
+    """Route every tensor to the Triton kernels, as on a GPU: for counting launches on a CPU, where the
+    launches themselves are intercepted (bench/ops.py)."""
+    global _forced
+    _forced = on
 
 
 def switch_off(reason: str) -> None:

@@ -53,12 +53,13 @@ def test_triton_launches_are_counted_without_running():
     out = torch.zeros(4)
     with ops.TritonLaunches(counter) as launches, counter, counter.counting():
         _fill[(1,)](out, 4, BLOCK=4)
-    assert launches.available and "model.kernels._use_triton" in launches.forced
+        from model.kernels import backend
+
+        assert backend.use_triton(torch.zeros(1))  # CPU tensors routed to the kernels while counting
+    assert launches.available and "model.kernels.backend.force_triton" in launches.forced
     assert counter.kernels[("engine", "triton:_fill")] == 1
     assert out.sum() == 0  # counted, not run
-    from model import kernels
-
-    assert kernels._use_triton(torch.zeros(1)) is False  # the predicate is restored
+    assert backend.use_triton(torch.zeros(1)) is False  # and no longer after
 
 
 @pytest.mark.slow
