@@ -84,12 +84,15 @@ def test_chunked_prefill_spreads_a_long_prompt_over_steps_without_stalling_decod
     engine.step()
     engine.add_request(image_request("big", tiles=13))  # 3,330 prompt tokens: 14 chunks of 256
     prefill_steps = 0
-    while engine.has_unfinished():
+    for _ in range(1000):
+        if not engine.has_unfinished():
+            break
         outs = engine.step()
         if engine.stats.prefill_tokens:
             prefill_steps += 1
             assert engine.stats.prefill_tokens <= 256
             assert any(o.request_id == "decoding" for o in outs) or engine.stats.decode_rows == 0
+    assert not engine.has_unfinished(), "the engine never finished"
     assert prefill_steps == 14
 
 
