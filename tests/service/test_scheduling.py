@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -50,7 +51,10 @@ class Finishes:
 
     def send(self, name: str, **overrides) -> None:
         def post():
-            response = requests.post(self.service.chat_url, json=nv_ingest_body(URL, **overrides), timeout=60)
+            try:
+                response = requests.post(self.service.chat_url, json=nv_ingest_body(URL, **overrides), timeout=60)
+            except requests.RequestException as exc:  # a read timeout, say: the test then fails saying so
+                response = exc
             with self.lock:
                 self.order.append(name)
                 self.responses[name] = response
@@ -68,8 +72,8 @@ class Finishes:
     def wait(self) -> list[str]:
         for thread in self.threads:
             thread.join(60)
-        assert all(r.status_code == 200 for r in self.responses.values()), {
-            k: r.text for k, r in self.responses.items()}
+        assert all(isinstance(r, requests.Response) and r.status_code == 200 for r in self.responses.values()), {
+            k: getattr(r, "text", repr(r)) for k, r in self.responses.items()}
         return self.order
 
 
@@ -99,18 +103,44 @@ def test_a_lower_priority_value_overtakes_queued_requests(service):
     assert order.index("urgent") < order.index("normal")
 
 
+def stream_started(service, **body):
+    """A streamed request whose first line has arrived: it holds a slot and generates."""
+    response = requests.post(service.chat_url, json=nv_ingest_body(URL, stream=True, **body), stream=True, timeout=60)
+    assert response.status_code == 200, response.text
+    lines = response.iter_lines()
+    next(lines)
+    return response, lines
+
+
+ENDLESS = 2000  # tokens: a minute at least, far past anything this test waits for
+
+
 def test_a_client_that_leaves_frees_its_slot_for_the_next_request(service):
-    runs = Finishes(service)
-    runs.send("stays", **long())
-    gone = requests.post(service.chat_url, json=nv_ingest_body(URL, stream=True, **long()), stream=True, timeout=60)
-    next(gone.iter_lines())  # it is generating
-    deadline = time.monotonic() + 30
-    while in_engine(service) < 2:  # and the engine's gauges say so: the next request's wait counts from here
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    runs.send("waiting", max_tokens=3, temperature=0.0)
-    gone.close()  # the client leaves; its slot goes to "waiting" within a step or two
-    assert runs.wait() == ["waiting", "stays"]
+    """Both slots are held by captions that outlast the test, so the waiting request can only get the slot of
+    the client that leaves: no timing decides the outcome, only the deadlines (generous) for a failure."""
+    endless = dict(max_tokens=ENDLESS, min_tokens=ENDLESS, ignore_eos=True, temperature=0.0)
+    stays, stays_lines = stream_started(service, **endless)
+    gone, _ = stream_started(service, **endless)
+    try:
+        deadline = time.monotonic() + 30
+        while in_engine(service) < 2:  # the engine's gauges say both run: the next request waits from here
+            assert time.monotonic() < deadline, "the two long requests never showed in the engine"
+            time.sleep(0.02)
+        runs = Finishes(service)
+        runs.send("waiting", max_tokens=3, temperature=0.0)  # returns once it is in the engine, waiting
+        assert "waiting" not in runs.responses, "it ran with both slots taken"
+        gone.close()  # the client leaves; its slot goes to "waiting" within a step or two
+        runs.threads[0].join(90)
+        answer = runs.responses.get("waiting")
+        assert isinstance(answer, requests.Response), f"no answer after the client left: {answer!r}"
+        assert runs.wait() == ["waiting"]
+        assert runs.responses["waiting"].json()["usage"]["completion_tokens"] == 3
+        # The slot was the leaver's: the other long caption is still generating.
+        line = next(line for line in stays_lines if line)
+        assert line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("finish_reason") is None, line
+    finally:
+        gone.close()
+        stays.close()
 
 
 def test_scheduler_metrics_are_exported(service):
