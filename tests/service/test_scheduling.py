@@ -77,30 +77,8 @@ class Finishes:
         return self.order
 
 
-LONG = 50  # tokens: 1.5 s, far longer than sending the requests that must overtake it
-
-
-def long(**kw) -> dict:
-    return dict(max_tokens=LONG, min_tokens=LONG, ignore_eos=True, temperature=0.0, **kw)
-
-
-def test_a_short_request_finishes_before_the_long_ones_it_joined(service):
-    runs = Finishes(service)
-    runs.send("long", **long())
-    runs.send("short", max_tokens=4, temperature=0.0)
-    assert runs.wait() == ["short", "long"]
-    assert runs.responses["short"].json()["usage"]["completion_tokens"] == 4
-    assert runs.responses["long"].json()["usage"]["completion_tokens"] == LONG
-
-
-def test_a_lower_priority_value_overtakes_queued_requests(service):
-    runs = Finishes(service)
-    runs.send("long1", **long())
-    runs.send("long2", **long())
-    runs.send("normal", max_tokens=3, temperature=0.0)
-    runs.send("urgent", max_tokens=3, temperature=0.0, priority=-10)
-    order = runs.wait()
-    assert order.index("urgent") < order.index("normal")
+ENDLESS = 2000  # tokens: a minute at least, far past anything a test here waits for
+ENDLESS_BODY = dict(max_tokens=ENDLESS, min_tokens=ENDLESS, ignore_eos=True, temperature=0.0)
 
 
 def stream_started(service, **body):
@@ -112,20 +90,75 @@ def stream_started(service, **body):
     return response, lines
 
 
-ENDLESS = 2000  # tokens: a minute at least, far past anything this test waits for
+def in_engine_becomes(service, count: int, what: str) -> None:
+    """Wait (30 s at most) until the engine holds exactly `count` requests, as of its last step."""
+    deadline = time.monotonic() + 30
+    while in_engine(service) != count:
+        assert time.monotonic() < deadline, f"{what}: the engine never held {count} requests"
+        time.sleep(0.02)
+
+
+def settled(service) -> None:
+    """Wait (30 s at most) until the requests of earlier tests have left the engine. The gauges change only
+    when the engine steps, so a one-token request makes it step until they show an empty engine."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        probe = requests.post(service.chat_url, json=nv_ingest_body(URL, max_tokens=1, temperature=0.0), timeout=60)
+        assert probe.status_code == 200, probe.text
+        for _ in range(10):
+            if in_engine(service) == 0:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the requests of earlier tests never left the engine")
+
+
+def still_generating(lines) -> None:
+    line = next(line for line in lines if line)
+    assert line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("finish_reason") is None, line
+
+
+def test_a_short_request_finishes_before_the_long_one_it_joined(service):
+    """A caption that outlasts the test holds one slot; a short request joins it and is answered while the long
+    one still generates (one slot is free: it never waits for the long one)."""
+    settled(service)
+    long, lines = stream_started(service, **ENDLESS_BODY)
+    try:
+        in_engine_becomes(service, 1, "the long request")
+        runs = Finishes(service)
+        runs.send("short", max_tokens=4, temperature=0.0)
+        assert runs.wait() == ["short"]
+        assert runs.responses["short"].json()["usage"]["completion_tokens"] == 4
+        still_generating(lines)
+    finally:
+        long.close()
+
+
+def test_a_lower_priority_value_overtakes_queued_requests(service):
+    """Both slots held, two requests wait (the urgent one sent last); when one slot frees, the urgent one
+    takes it and finishes before the other starts."""
+    settled(service)
+    holders = [stream_started(service, **ENDLESS_BODY) for _ in range(2)]
+    try:
+        in_engine_becomes(service, 2, "the two long requests")
+        runs = Finishes(service)
+        runs.send("normal", max_tokens=3, temperature=0.0)
+        runs.send("urgent", max_tokens=3, temperature=0.0, priority=-10)
+        assert not runs.responses, "a request ran with both slots taken"
+        holders[0][0].close()  # one slot frees: the urgent request takes it, the other keeps waiting
+        assert runs.wait() == ["urgent", "normal"]
+    finally:
+        for response, _ in holders:
+            response.close()
 
 
 def test_a_client_that_leaves_frees_its_slot_for_the_next_request(service):
     """Both slots are held by captions that outlast the test, so the waiting request can only get the slot of
     the client that leaves: no timing decides the outcome, only the deadlines (generous) for a failure."""
-    endless = dict(max_tokens=ENDLESS, min_tokens=ENDLESS, ignore_eos=True, temperature=0.0)
-    stays, stays_lines = stream_started(service, **endless)
-    gone, _ = stream_started(service, **endless)
+    settled(service)
+    stays, stays_lines = stream_started(service, **ENDLESS_BODY)
+    gone, _ = stream_started(service, **ENDLESS_BODY)
     try:
-        deadline = time.monotonic() + 30
-        while in_engine(service) < 2:  # the engine's gauges say both run: the next request waits from here
-            assert time.monotonic() < deadline, "the two long requests never showed in the engine"
-            time.sleep(0.02)
+        in_engine_becomes(service, 2, "the two long requests")  # the next request waits from here
         runs = Finishes(service)
         runs.send("waiting", max_tokens=3, temperature=0.0)  # returns once it is in the engine, waiting
         assert "waiting" not in runs.responses, "it ran with both slots taken"
@@ -136,8 +169,7 @@ def test_a_client_that_leaves_frees_its_slot_for_the_next_request(service):
         assert runs.wait() == ["waiting"]
         assert runs.responses["waiting"].json()["usage"]["completion_tokens"] == 3
         # The slot was the leaver's: the other long caption is still generating.
-        line = next(line for line in stays_lines if line)
-        assert line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("finish_reason") is None, line
+        still_generating(stays_lines)
     finally:
         gone.close()
         stays.close()
