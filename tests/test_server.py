@@ -41,3 +41,25 @@ def test_settings_defaults_and_environment(monkeypatch):
     monkeypatch.setenv("MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_every_model_setting_reaches_the_engine_that_the_worker_loads(monkeypatch, tiny_path):
+    """DTYPE, SSM_STATE_DTYPE, ENFORCE_EAGER and the sizes only change what is built on a GPU: read here from
+    what the worker asks the loader for."""
+    import model.engine
+    from server import CaptionAPI
+    from service.state import SharedState
+
+    env = {"MODEL_ID": str(tiny_path), "ENABLE_MOCK_INFERENCE": "0", "DEVICE": "auto", "DTYPE": "float16",
+           "SSM_STATE_DTYPE": "bfloat16", "ENFORCE_EAGER": "1", "MAX_BATCH_SIZE": "7", "MAX_MODEL_LEN": "9000",
+           "MAX_PREFILL_TOKENS": "333", "MAX_NUM_TILES": "5", "GPU_MEMORY_UTILIZATION": "0.55"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    asked = {}
+    monkeypatch.setattr(model.engine, "load_engine", lambda *args, **kw: asked.update(kw, args=args))
+    CaptionAPI(Settings(), SharedState(4))._build_engine("cuda:3")
+    assert asked["args"] == (str(tiny_path), None)
+    assert {k: v for k, v in asked.items() if k != "args"} == {
+        "device": "cuda:3", "dtype": "float16", "ssm_dtype": "bfloat16", "enforce_eager": True, "max_running": 7,
+        "max_seq_len": 9000, "max_prefill_tokens": 333, "max_num_tiles": 5, "memory_fraction": 0.55,
+        "load_format": "safetensors"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -191,16 +192,38 @@ def test_a_server_whose_slots_cannot_hold_one_largest_request_refuses_to_start(t
     assert "13-tile request does not fit" in message and "MAX_MODEL_LEN" in message
 
 
+def first_chunk(service, b) -> dict:
+    """Stream `b` and return its first chunk that carries text or a finish, then leave (the server aborts the
+    rest): proof that the request was admitted and is generating, without waiting for all its tokens."""
+    with requests.post(service.chat_url, json=dict(b, stream=True), stream=True, timeout=180) as response:
+        assert response.status_code == 200, response.text
+        for line in response.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            assert line != b"data: [DONE]", "the stream ended without a chunk"
+            chunk = json.loads(line[len(b"data: "):])
+            assert "error" not in chunk, chunk
+            choice = chunk["choices"][0]
+            if choice["delta"].get("content") or choice["delta"].get("reasoning_content") or choice.get("finish_reason"):
+                return chunk
+    raise AssertionError("the stream closed without [DONE]")
+
+
 def test_requests_over_the_slot_length_get_400_and_the_others_go_on(tiny_service):
-    response = requests.post(tiny_service.chat_url, json=body(0, max_tokens=4096, max_completion_tokens=None),
-                             timeout=60)
-    assert response.status_code == 200  # 3,375 prompt tokens + 4,096 fit in 16,384
-    over = nv_ingest_body(noise_url(640, 480, 1), max_tokens=4096)
-    over["messages"][1]["content"] += [{"type": "image_url", "image_url": {"url": noise_url(640, 480, k)}}
-                                       for k in range(2, 5)]
-    refused = requests.post(tiny_service.chat_url, json=over, timeout=60)
-    assert refused.status_code == 400 and refused.json()["error"]["code"] == "request_too_large"
-    assert "MAX_MODEL_LEN" in refused.json()["error"]["message"]
+    """Prompt plus max_tokens over MAX_MODEL_LEN (16,384), by the images alone or by one token, gets 400; a
+    request that fits is streamed and left after its first token: what is tested is its admission, not 4,096
+    tokens of output. (Exactly at the limit: tests/service/test_prompt_check.py and the engine's tests.)"""
+    first_chunk(tiny_service, body(0, max_tokens=4096, max_completion_tokens=None))  # 3,375 + 4,096 fit
+    big = nv_ingest_body(noise_url(640, 480, 1), max_tokens=4096)
+    big["messages"][1]["content"][1:] = [{"type": "image_url", "image_url": {"url": noise_url(640, 480, k)}}
+                                         for k in range(1, 5)]
+    for max_tokens, counted in ((4096, "images alone are"), (16384 - 4 * (13 * 256 + 2), "needs")):
+        refused = requests.post(tiny_service.chat_url, json=dict(big, max_tokens=max_tokens), timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "request_too_large", refused.text
+        assert "MAX_MODEL_LEN" in refused.json()["error"]["message"] and counted in refused.json()["error"]["message"]
+    prompt_tokens = int(re.search(r"needs (\d+) prompt tokens", refused.json()["error"]["message"]).group(1))
+    over = requests.post(tiny_service.chat_url, json=dict(big, max_tokens=16384 - prompt_tokens + 1), timeout=60)
+    assert over.status_code == 400 and over.json()["error"]["code"] == "request_too_large", over.text
     post(tiny_service, body(1))
 
 

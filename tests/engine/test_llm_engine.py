@@ -84,12 +84,15 @@ def test_chunked_prefill_spreads_a_long_prompt_over_steps_without_stalling_decod
     engine.step()
     engine.add_request(image_request("big", tiles=13))  # 3,330 prompt tokens: 14 chunks of 256
     prefill_steps = 0
-    while engine.has_unfinished():
+    for _ in range(1000):
+        if not engine.has_unfinished():
+            break
         outs = engine.step()
         if engine.stats.prefill_tokens:
             prefill_steps += 1
             assert engine.stats.prefill_tokens <= 256
             assert any(o.request_id == "decoding" for o in outs) or engine.stats.decode_rows == 0
+    assert not engine.has_unfinished(), "the engine never finished"
     assert prefill_steps == 14
 
 
@@ -169,3 +172,66 @@ def test_mock_captions_are_the_same_under_any_sampling(temperature):
     engine.add_request(request("x", temperature=temperature, top_p=0.5))
     outputs, _ = drain(engine)
     assert "".join(o.content for o in outputs["x"]) == "No image was given; the prompt has 1 words."
+
+
+# The mock's answer to `request(name)`: "No image was given; the prompt has 1 words." is 9 words, then EOS.
+CAPTION = "No image was given; the prompt has 1 words."
+EOS_AT = len(CAPTION.split()) + 1
+
+
+@pytest.mark.parametrize("max_tokens, finish_reason, tokens", [
+    (EOS_AT - 1, "length", EOS_AT - 1),  # cut one token before EOS
+    (EOS_AT, "stop", EOS_AT),  # EOS as the very last allowed token ends it as EOS, not as the limit
+    (EOS_AT + 1, "stop", EOS_AT),
+])
+def test_eos_exactly_at_max_tokens_is_a_stop(max_tokens, finish_reason, tokens):
+    engine = LLMEngine(MockRunner(1, 4096), 1, 2048)
+    engine.add_request(request("x", max_tokens=max_tokens, temperature=0.0))
+    outputs, _ = drain(engine)
+    last = outputs["x"][-1]
+    assert (last.finish_reason, last.completion_tokens) == (finish_reason, tokens)
+    assert "".join(o.content for o in outputs["x"]) == CAPTION
+
+
+@pytest.mark.parametrize("min_tokens, tokens", [(0, EOS_AT), (EOS_AT - 1, EOS_AT), (EOS_AT, 2 * EOS_AT - 1)])
+def test_min_tokens_holds_eos_back_until_that_many_tokens_then_no_longer(min_tokens, tokens):
+    """min_tokens = n: EOS can be token n + 1 at the earliest (vLLM's rule). At EOS_AT - 1 the natural EOS is
+    allowed; at EOS_AT it is held back, the mock's caption starts again in its place, and EOS follows it."""
+    engine = LLMEngine(MockRunner(1, 4096), 1, 2048)
+    engine.add_request(request("x", max_tokens=100, min_tokens=min_tokens, temperature=0.0))
+    outputs, _ = drain(engine)
+    last = outputs["x"][-1]
+    assert (last.finish_reason, last.completion_tokens) == ("stop", tokens)
+
+
+def test_ignore_eos_generates_exactly_max_tokens():
+    engine = LLMEngine(MockRunner(1, 4096), 1, 2048)
+    engine.add_request(request("x", max_tokens=3 * EOS_AT, ignore_eos=True, temperature=0.0))
+    outputs, _ = drain(engine)
+    assert (outputs["x"][-1].finish_reason, outputs["x"][-1].completion_tokens) == ("length", 3 * EOS_AT)
+
+
+def test_a_request_of_exactly_the_slot_length_runs_and_one_token_more_is_refused():
+    """Prompt plus max_tokens: at MAX_MODEL_LEN it runs, one over it gets 400."""
+    engine = LLMEngine(MockRunner(2, 20), 2, 2048)  # the prompt of request(name, words=5) is 5 tokens
+    engine.add_request(request("fits", max_tokens=15, words=5, ignore_eos=True))
+    engine.add_request(request("over", max_tokens=16, words=5, ignore_eos=True))
+    outputs, _ = drain(engine)
+    assert outputs["fits"][-1].error is None and outputs["fits"][-1].completion_tokens == 15
+    assert outputs["over"][-1].error.code == "request_too_large" and outputs["over"][-1].error.status == 400
+
+
+def test_one_step_never_prefills_more_than_the_budget_with_a_continuing_and_a_new_prompt():
+    engine = LLMEngine(MockRunner(4, 4096), 4, 100)
+    engine.add_request(request("a", words=150, max_tokens=3))
+    engine.step()
+    assert engine.stats.prefill_tokens == 100
+    engine.add_request(request("b", words=100, max_tokens=3))
+    per_step = []
+    for _ in range(50):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+        per_step.append(engine.stats.prefill_tokens)
+    assert per_step[:2] == [100, 50], per_step  # a's last 50 and b's first 50, then b's last 50
+    assert max(per_step) <= 100 and sum(per_step) == 150

@@ -159,3 +159,23 @@ def test_the_forward_through_the_triton_kernels_equals_the_pytorch_path(tiny_pat
                       f"run({str(tiny_path)!r})", TRITON_INTERPRET="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "interpreter checks passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("new_length", [1, 2, 12])
+def test_a_reused_slot_gives_what_a_fresh_pool_gives(model, new_length):
+    """A slot whose previous sequence prefilled a longer prompt and decoded: the next prompt there gets the
+    logits, every conv and SSM state and the length that a fresh pool gives it, and so does its next step.
+    Short prompts matter: a longer one would push stale conv inputs out of the window on its own."""
+    used, fresh = forward_for(model), forward_for(model)
+    used.prefill([0, 1, 2], [embeds(model, 40 + i, 30) for i in range(3)], [0, 0, 0])
+    for token in (51, 52, 53):
+        used.decode([0, 1, 2], [token] * 3)
+    new = embeds(model, 50, new_length)
+    got, expected = used.prefill([1], [new], [0]), fresh.prefill([1], [new], [0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, pool_used, pool_fresh in (("conv", used.pool.conv, fresh.pool.conv), ("ssm", used.pool.ssm, fresh.pool.ssm)):
+        for layer in pool_fresh:
+            torch.testing.assert_close(pool_used[layer][1], pool_fresh[layer][1], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name, layer=layer: f"{name} state of layer {layer}: {m}")
+    assert used.pool.lengths[1] == fresh.pool.lengths[1] == new_length
+    torch.testing.assert_close(used.decode([1], [60]), fresh.decode([1], [60]), rtol=1e-5, atol=1e-5)

@@ -33,13 +33,17 @@ def make_job(images, text: str, system: str | None = "/no_think", priority: int 
     return EngineRequest(f"req-{next(_ids)}", messages, SamplingParams(**params), priority=priority)
 
 
-def collect(engine, outputs_by_id: dict[str, list[RequestOutput]]) -> None:
-    """Step the engine until it is idle, appending each output under its request id."""
-    while engine.has_unfinished():
+def collect(engine, outputs_by_id: dict[str, list[RequestOutput]], max_steps: int = 20_000) -> None:
+    """Step the engine until it is idle, appending each output under its request id; an engine that is
+    still busy after `max_steps` steps fails the test instead of hanging it."""
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return
         for out in engine.step():
             seen = outputs_by_id.setdefault(out.request_id, [])
             assert not seen or not seen[-1].finished, "output after the last one"
             seen.append(out)
+    raise AssertionError(f"the engine still had work after {max_steps} steps")
 
 
 def run(engine, jobs):

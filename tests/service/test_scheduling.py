@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -50,7 +51,10 @@ class Finishes:
 
     def send(self, name: str, **overrides) -> None:
         def post():
-            response = requests.post(self.service.chat_url, json=nv_ingest_body(URL, **overrides), timeout=60)
+            try:
+                response = requests.post(self.service.chat_url, json=nv_ingest_body(URL, **overrides), timeout=60)
+            except requests.RequestException as exc:  # a read timeout, say: the test then fails saying so
+                response = exc
             with self.lock:
                 self.order.append(name)
                 self.responses[name] = response
@@ -68,49 +72,107 @@ class Finishes:
     def wait(self) -> list[str]:
         for thread in self.threads:
             thread.join(60)
-        assert all(r.status_code == 200 for r in self.responses.values()), {
-            k: r.text for k, r in self.responses.items()}
+        assert all(isinstance(r, requests.Response) and r.status_code == 200 for r in self.responses.values()), {
+            k: getattr(r, "text", repr(r)) for k, r in self.responses.items()}
         return self.order
 
 
-LONG = 50  # tokens: 1.5 s, far longer than sending the requests that must overtake it
+ENDLESS = 2000  # tokens: a minute at least, far past anything a test here waits for
+ENDLESS_BODY = dict(max_tokens=ENDLESS, min_tokens=ENDLESS, ignore_eos=True, temperature=0.0)
 
 
-def long(**kw) -> dict:
-    return dict(max_tokens=LONG, min_tokens=LONG, ignore_eos=True, temperature=0.0, **kw)
+def stream_started(service, **body):
+    """A streamed request whose first line has arrived: it holds a slot and generates."""
+    response = requests.post(service.chat_url, json=nv_ingest_body(URL, stream=True, **body), stream=True, timeout=60)
+    assert response.status_code == 200, response.text
+    lines = response.iter_lines()
+    next(lines)
+    return response, lines
 
 
-def test_a_short_request_finishes_before_the_long_ones_it_joined(service):
-    runs = Finishes(service)
-    runs.send("long", **long())
-    runs.send("short", max_tokens=4, temperature=0.0)
-    assert runs.wait() == ["short", "long"]
-    assert runs.responses["short"].json()["usage"]["completion_tokens"] == 4
-    assert runs.responses["long"].json()["usage"]["completion_tokens"] == LONG
+def in_engine_becomes(service, count: int, what: str) -> None:
+    """Wait (30 s at most) until the engine holds exactly `count` requests, as of its last step."""
+    deadline = time.monotonic() + 30
+    while in_engine(service) != count:
+        assert time.monotonic() < deadline, f"{what}: the engine never held {count} requests"
+        time.sleep(0.02)
+
+
+def settled(service) -> None:
+    """Wait (30 s at most) until the requests of earlier tests have left the engine. The gauges change only
+    when the engine steps, so a one-token request makes it step until they show an empty engine."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        probe = requests.post(service.chat_url, json=nv_ingest_body(URL, max_tokens=1, temperature=0.0), timeout=60)
+        assert probe.status_code == 200, probe.text
+        for _ in range(10):
+            if in_engine(service) == 0:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the requests of earlier tests never left the engine")
+
+
+def still_generating(lines) -> None:
+    line = next(line for line in lines if line)
+    assert line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("finish_reason") is None, line
+
+
+def test_a_short_request_finishes_before_the_long_one_it_joined(service):
+    """A caption that outlasts the test holds one slot; a short request joins it and is answered while the long
+    one still generates (one slot is free: it never waits for the long one)."""
+    settled(service)
+    long, lines = stream_started(service, **ENDLESS_BODY)
+    try:
+        in_engine_becomes(service, 1, "the long request")
+        runs = Finishes(service)
+        runs.send("short", max_tokens=4, temperature=0.0)
+        assert runs.wait() == ["short"]
+        assert runs.responses["short"].json()["usage"]["completion_tokens"] == 4
+        still_generating(lines)
+    finally:
+        long.close()
 
 
 def test_a_lower_priority_value_overtakes_queued_requests(service):
-    runs = Finishes(service)
-    runs.send("long1", **long())
-    runs.send("long2", **long())
-    runs.send("normal", max_tokens=3, temperature=0.0)
-    runs.send("urgent", max_tokens=3, temperature=0.0, priority=-10)
-    order = runs.wait()
-    assert order.index("urgent") < order.index("normal")
+    """Both slots held, two requests wait (the urgent one sent last); when one slot frees, the urgent one
+    takes it and finishes before the other starts."""
+    settled(service)
+    holders = [stream_started(service, **ENDLESS_BODY) for _ in range(2)]
+    try:
+        in_engine_becomes(service, 2, "the two long requests")
+        runs = Finishes(service)
+        runs.send("normal", max_tokens=3, temperature=0.0)
+        runs.send("urgent", max_tokens=3, temperature=0.0, priority=-10)
+        assert not runs.responses, "a request ran with both slots taken"
+        holders[0][0].close()  # one slot frees: the urgent request takes it, the other keeps waiting
+        assert runs.wait() == ["urgent", "normal"]
+    finally:
+        for response, _ in holders:
+            response.close()
 
 
 def test_a_client_that_leaves_frees_its_slot_for_the_next_request(service):
-    runs = Finishes(service)
-    runs.send("stays", **long())
-    gone = requests.post(service.chat_url, json=nv_ingest_body(URL, stream=True, **long()), stream=True, timeout=60)
-    next(gone.iter_lines())  # it is generating
-    deadline = time.monotonic() + 30
-    while in_engine(service) < 2:  # and the engine's gauges say so: the next request's wait counts from here
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    runs.send("waiting", max_tokens=3, temperature=0.0)
-    gone.close()  # the client leaves; its slot goes to "waiting" within a step or two
-    assert runs.wait() == ["waiting", "stays"]
+    """Both slots are held by captions that outlast the test, so the waiting request can only get the slot of
+    the client that leaves: no timing decides the outcome, only the deadlines (generous) for a failure."""
+    settled(service)
+    stays, stays_lines = stream_started(service, **ENDLESS_BODY)
+    gone, _ = stream_started(service, **ENDLESS_BODY)
+    try:
+        in_engine_becomes(service, 2, "the two long requests")  # the next request waits from here
+        runs = Finishes(service)
+        runs.send("waiting", max_tokens=3, temperature=0.0)  # returns once it is in the engine, waiting
+        assert "waiting" not in runs.responses, "it ran with both slots taken"
+        gone.close()  # the client leaves; its slot goes to "waiting" within a step or two
+        runs.threads[0].join(90)
+        answer = runs.responses.get("waiting")
+        assert isinstance(answer, requests.Response), f"no answer after the client left: {answer!r}"
+        assert runs.wait() == ["waiting"]
+        assert runs.responses["waiting"].json()["usage"]["completion_tokens"] == 3
+        # The slot was the leaver's: the other long caption is still generating.
+        still_generating(stays_lines)
+    finally:
+        gone.close()
+        stays.close()
 
 
 def test_scheduler_metrics_are_exported(service):
