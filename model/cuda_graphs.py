@@ -49,7 +49,7 @@ class DecodeGraphs:
         pool = forward.pool
         self.device = forward.lm.lm_head.weight.device
         self.batches = batch_buckets(max_batch)
-        one_span = kernels.triton_available()  # the Triton decode attention reads each row's own length
+        one_span = kernels.backend.runs_on(self.device)  # the Triton decode attention reads each row's own length
         self.spans = [pool.max_seq_len] if one_span else _buckets(min(MIN_SPAN, pool.max_seq_len), pool.max_seq_len)
         rows = self.batches[-1]
         self.ids = torch.zeros(rows, dtype=torch.long, device=self.device)

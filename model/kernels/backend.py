@@ -36,6 +36,11 @@ def triton_available() -> bool:
     return triton is not None and _switched_off is None
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether tensors on `device` take the Triton kernels."""
+    return use_triton(torch.empty(0, device=device))
+
+
 def use_triton(t: torch.Tensor) -> bool:
     # Under the interpreter the kernels run on CPU tensors too (the tests of the kernels in the model).
     return (t.is_cuda or interpreting() or _forced) and triton_available()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.cuda_graphs import DecodeGraphs
+from model import kernels
+from model.cuda_graphs import DecodeGraphs, batch_buckets
 from model.forward import SlotForward
 from model.loader import load_model
 from model.state_pool import StatePool
@@ -64,6 +65,18 @@ def test_a_graph_for_every_batch_and_span_bucket_up_to_the_settings(model, cpu_g
     assert sorted(graphs.graphs) == [(b, s) for b in batches for s in spans]
     largest = DecodeGraphs(forward_for(model, max_batch, max_seq_len), max_batch, largest_only=True)
     assert list(largest.graphs) == [(batches[-1], spans[-1])]
+
+
+def test_batch_buckets_are_fine_up_to_64_then_every_32():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 100]
+    assert batch_buckets(3) == [1, 2, 3]
+
+
+def test_with_the_triton_decode_attention_one_span_serves_every_length(model, cpu_graphs, monkeypatch):
+    monkeypatch.setattr(kernels.backend, "runs_on", lambda device: True)
+    graphs = DecodeGraphs(forward_for(model, 8, 1024), 8)
+    assert sorted(graphs.graphs) == [(b, 1024) for b in (1, 2, 4, 8)]
 
 
 @pytest.mark.parametrize("lengths, bucket", [((9, 23, 16), (4, 256)), ((255, 7), (2, 256)), ((256, 7), (2, 300))])
