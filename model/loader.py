@@ -346,9 +346,8 @@ def load_model(
     if quant is not None:
         layers = replace_linears(model, quant, lambda name, linear: Fp8Linear(
             linear.in_features, linear.out_features, linear.bias is not None, "meta", torch_dtype))
-        log.info("%s declares ModelOpt %s: %d linear layers of the language model in FP8, %d modules excluded by "
-                 "its list %s", quant.source, quant.algo, len(layers), len(quant.exclude_modules),
-                 list(quant.exclude_modules)[:8])
+        log.info("ModelOpt %s checkpoint (%s): %d linear layers of the language model in FP8; excluded: %s",
+                 quant.algo, quant.source, len(layers), list(quant.exclude_modules)[:8])
     report = load_weights(model, path, torch_device, torch_dtype)
     problems = report.problems()
     if problems:
