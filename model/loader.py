@@ -187,6 +187,19 @@ class LoadReport:
         return problems
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored: FP8 layers count one byte a weight."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def fp8_meta_model(config: VLConfig, quant: QuantConfig, dtype: torch.dtype = torch.bfloat16) -> NemotronNanoVLV2:
+    """The architecture on the meta device with the quantized linears in FP8 (for loading, and for sizing)."""
+    model = build_model(config, "meta")
+    replace_linears(model, quant, lambda name, linear: Fp8Linear(
+        linear.in_features, linear.out_features, linear.bias is not None, "meta", dtype))
+    return model
+
+
 def build_model(config: VLConfig, device: torch.device | str = "meta") -> NemotronNanoVLV2:
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = "sdpa"
@@ -341,13 +354,15 @@ def load_model(
             if torch_device.type == "cuda":
                 torch.cuda.empty_cache()  # the bf16 weights just replaced
             log.info(prepare_fp8_layers(model, torch_device))
+        log.info("random weights on %s as %s: %.2f GiB", torch_device, torch_dtype, weight_bytes(model) / 2**30)
         return model, load_tokenizer(path), path
-    model = build_model(config, "meta")
     if quant is not None:
-        layers = replace_linears(model, quant, lambda name, linear: Fp8Linear(
-            linear.in_features, linear.out_features, linear.bias is not None, "meta", torch_dtype))
+        model = fp8_meta_model(config, quant, torch_dtype)
         log.info("ModelOpt %s checkpoint (%s): %d linear layers of the language model in FP8; excluded: %s",
-                 quant.algo, quant.source, len(layers), list(quant.exclude_modules)[:8])
+                 quant.algo, quant.source, sum(isinstance(m, Fp8Linear) for m in model.modules()),
+                 list(quant.exclude_modules)[:8])
+    else:
+        model = build_model(config, "meta")
     report = load_weights(model, path, torch_device, torch_dtype)
     problems = report.problems()
     if problems:
@@ -358,5 +373,6 @@ def load_model(
     if quant is not None:
         log.info(prepare_fp8_layers(model, torch_device))
     tokenizer = load_tokenizer(path)
-    log.info("loaded %s on %s as %s%s", path, torch_device, torch_dtype, " (FP8 linear layers)" if quant else "")
+    log.info("loaded %s on %s as %s%s: %.2f GiB of weights", path, torch_device, torch_dtype,
+             " with FP8 linear layers" if quant else "", weight_bytes(model) / 2**30)
     return model, tokenizer, path

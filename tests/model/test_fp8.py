@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import model.quantization.fp8 as fp8
-from model.loader import load_model, load_weights, build_model, read_config
+from model.loader import (DUMMY_FP8, build_model, checkpoint_quantization, fp8_meta_model, load_model,
+                          load_weights, read_config, weight_bytes)
 from model.quantization import Fp8Linear, QuantConfig, UnsupportedQuantization, fp8_layers, read_quant_config
 from model.runner import NemotronRunner
 from tests.model.tiny_helpers import make_job, noise_image
@@ -173,12 +174,7 @@ def test_the_tiny_fp8_checkpoint_has_the_modelopt_layout_and_loads_with_no_key_p
         assert f.get_tensor(f"{layer}.weight").dtype == torch.float8_e4m3fn
         assert f.get_tensor(f"{layer}.input_scale").dtype == torch.float32
 
-    model = build_model(read_config(tiny_fp8_path), "meta")
-    from model.loader import checkpoint_quantization
-    from model.quantization import replace_linears
-
-    replace_linears(model, checkpoint_quantization(tiny_fp8_path), lambda n, lin: Fp8Linear(
-        lin.in_features, lin.out_features, lin.bias is not None, "meta", torch.float32))
+    model = fp8_meta_model(read_config(tiny_fp8_path), checkpoint_quantization(tiny_fp8_path), torch.float32)
     report = load_weights(model, tiny_fp8_path, torch.device("cpu"), torch.float32)
     assert report.problems() == [] and report.missing == [] and report.ignored == []
 
@@ -288,3 +284,21 @@ def test_quantization_fp8_builds_random_fp8_weights_under_load_format_dummy(tiny
     assert all(layer.weight.dtype == torch.float8_e4m3fn for _, layer in layers)
     with pytest.raises(ValueError, match="is not an FP8 checkpoint"):
         load_model(str(tiny_path), None, "cpu", "auto", quantization="fp8")
+
+
+def test_full_size_weight_bytes_of_each_variant_are_those_the_readme_gives():
+    """Computed from the architecture (meta device): the FP8 variant keeps the LM head, the embeddings, the
+    vision encoder and the projector in bf16, and matches the 15.4 GB that NVIDIA's FP8 files take."""
+    from model.config import translate_config
+    from model.official import OFFICIAL_CONFIG
+    from tests.helpers import ROOT
+
+    config = translate_config(OFFICIAL_CONFIG)
+    bf16 = weight_bytes(build_model(config, "meta")) // 2  # meta parameters are float32: two bytes each in bf16
+    fp8_model = fp8_meta_model(config, DUMMY_FP8)
+    fp8_bytes = sum(t.numel() * (1 if t.dtype == torch.float8_e4m3fn else 4 if name.endswith("_scale") else 2)
+                    for name, t in fp8_model.named_parameters())
+    assert len(fp8_layers(fp8_model)) == 136
+    assert round(bf16 / 1e9, 1) == 26.3 and round(fp8_bytes / 1e9, 1) == 15.4
+    readme = (ROOT / "README.md").read_text()
+    assert f"{bf16 / 2**30:.1f} GiB" in readme and f"{fp8_bytes / 2**30:.1f} GiB" in readme
