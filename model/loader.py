@@ -52,7 +52,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _is_full_size(model_id: str) -> bool:
-    if model_id == MODEL_ID:
+    if model_id == MODEL_ID or model_id.startswith(MODEL_ID.removesuffix("BF16")):  # -BF16, -FP8, -NVFP4-QAD
         return True
     config_path = Path(model_id) / "config.json"
     if config_path.is_file():
@@ -273,6 +273,10 @@ def load_weights(model: NemotronNanoVLV2, path: Path, device: torch.device, dtyp
                     continue
                 if want.dtype == FP8 and tensor.dtype != FP8:
                     report.dtype_mismatch.append(f"{official_name}: {tensor.dtype} where the FP8 layer needs {FP8}")
+                    continue
+                if tensor.dtype == FP8 and want.dtype != FP8:  # stored in FP8, yet excluded from quantization
+                    report.dtype_mismatch.append(f"{official_name}: {FP8} in a layer that the exclude list keeps "
+                                                 "in higher precision")
                     continue
                 if want.dtype == FP8 or native_name.rpartition(".")[2] in SCALE_NAMES:
                     target_dtype = want.dtype  # E4M3 weights as they are, scales in float32

@@ -27,6 +27,13 @@ def test_an_nvfp4_checkpoint_is_refused_in_one_line_before_any_worker_starts(tin
     assert "supported: no quantization (BF16), or ModelOpt FP8" in line and "inference worker" not in run.stderr
 
 
+def test_the_fp8_hub_id_is_the_full_size_model_that_needs_a_gpu():
+    from model.loader import check_can_run
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        check_can_run("nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-FP8", "auto")
+
+
 def test_served_names_default_to_the_model_and_its_variant(monkeypatch):
     monkeypatch.delenv("NIM_SERVED_MODEL_NAME", raising=False)
     settings = Settings()

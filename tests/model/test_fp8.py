@@ -276,6 +276,15 @@ def test_a_missing_scale_or_a_bf16_weight_is_refused_in_one_line(tiny_fp8_path, 
     with pytest.raises(RuntimeError, match=r"dtype mismatch: \['language_model.backbone.layers.2.mixer.out_proj"):
         load_model(str(wide), None, "cpu", "auto")
 
+    excluded = shutil.copytree(tiny_fp8_path, tmp_path / "excluded")
+    config = json.loads((excluded / "config.json").read_text())
+    config["quantization_config"]["ignore"].append(layer)  # the list keeps it in bf16; the file has it in FP8
+    (excluded / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError) as refused:
+        load_model(str(excluded), None, "cpu", "auto")
+    assert f"{layer}.weight: torch.float8_e4m3fn in a layer that the exclude list keeps" in str(refused.value)
+    assert "unexpected: [" in str(refused.value) and f"{layer}.weight_scale" in str(refused.value)
+
 
 def test_quantization_fp8_builds_random_fp8_weights_under_load_format_dummy(tiny_path):
     model, _, _ = load_model(str(tiny_path), None, "cpu", "auto", load_format="dummy", quantization="fp8")
