@@ -13,7 +13,7 @@ other method or algorithm is refused at start with one line saying what was foun
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -32,7 +32,6 @@ class QuantConfig:
     exclude_modules: tuple[str, ...] = ()
     kv_cache_algo: str | None = None
     source: str = ""  # the file it was read from, for the log
-    name: str = field(default="fp8", init=False)
 
     def is_excluded(self, official_module: str) -> bool:
         """True when the module stays in the serving dtype. A pattern matches as a ModelOpt wildcard, also
@@ -45,12 +44,12 @@ class QuantConfig:
         return False
 
 
-def _modelopt_section(data: dict, where: str) -> tuple[str, str, list, str | None]:
+def _modelopt_section(data: dict) -> tuple[str, str, list, str | None]:
     """(quant_method, quant_algo, exclude list, kv cache algo) from either ModelOpt form."""
     if isinstance(data.get("quantization"), dict):  # hf_quant_config.json
         section = data["quantization"]
-        method = str(data.get("producer", {}).get("name", "modelopt")) if isinstance(data.get("producer"), dict) \
-            else "modelopt"
+        producer = data.get("producer")
+        method = str(producer.get("name", "modelopt")) if isinstance(producer, dict) else "modelopt"
         return (method, str(section.get("quant_algo") or ""), section.get("exclude_modules") or [],
                 section.get("kv_cache_quant_algo"))
     method = str(data.get("quant_method") or "")
@@ -80,7 +79,7 @@ def read_quant_config(folder: Path, config: dict | None = None) -> QuantConfig |
     exclude: list[str] = []
     algo = kv = None
     for where, data in found:
-        method, this_algo, this_exclude, this_kv = _modelopt_section(data, where)
+        method, this_algo, this_exclude, this_kv = _modelopt_section(data)
         if not method.lower().startswith("modelopt"):
             raise UnsupportedQuantization(f"{where} declares quant_method {method or 'none'!r}; {SUPPORTED}")
         this_algo = this_algo.upper()

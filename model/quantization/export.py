@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from model.quantization import QuantConfig, quantized_linear_names
 from model.quantization.fp8 import FP8_MAX, quantize

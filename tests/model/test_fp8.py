@@ -34,7 +34,8 @@ def test_quantization_is_read_from_either_modelopt_file(tmp_path):
     assert read_quant_config(_folder(tmp_path / "bf16")) is None
     hf = read_quant_config(_folder(tmp_path / "hf", hf_quant={
         "producer": {"name": "modelopt", "version": "0.33"},
-        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head", "vision_model*"]}}))
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None,
+                         "exclude_modules": ["lm_head", "vision_model*"]}}))
     assert hf.algo == "FP8" and hf.exclude_modules == ("lm_head", "vision_model*")
     cfg = read_quant_config(_folder(tmp_path / "cfg", {"quantization_config": {
         "quant_method": "modelopt", "quant_algo": "fp8", "ignore": ["language_model.lm_head", "mlp1*"]}}))
@@ -93,9 +94,10 @@ def test_from_linear_takes_amax_over_448_and_keeps_every_weight_to_e4m3_precisio
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
     assert layer.weight_scale.shape == () and layer.input_scale.shape == ()
     assert float(layer.weight_scale) == pytest.approx(float(linear.weight.detach().abs().max()) / 448.0, rel=1e-6)
-    back = layer.weight.float() * layer.weight_scale
-    normal = linear.weight.abs() >= layer.weight_scale * 2.0**-6  # E4M3's normal range, in real units
-    rel = ((back - linear.weight).abs() / linear.weight.abs())[normal]
+    back = (layer.weight.float() * layer.weight_scale).detach()
+    normal = linear.weight.detach().abs() >= layer.weight_scale.detach() * 2.0**-6  # E4M3's normal range, in real units
+    weight = linear.weight.detach()
+    rel = ((back - weight).abs() / weight.abs())[normal]
     assert float(rel.max()) <= 2.0**-4 + 1e-6  # half a unit in the last place of a 3-bit mantissa
 
 
@@ -237,7 +239,8 @@ def test_greedy_captions_mostly_agree(fp8_model, bf16_model):
     steps = 8
     with torch.inference_mode():
         reference, quantized = _greedy(bf16_model, jobs, steps), _greedy(fp8_model, jobs, steps)
-    same_prefix = [next((i for i, (a, b) in enumerate(zip(r, q)) if a != b), steps) for r, q in zip(reference, quantized)]
+    same_prefix = [next((i for i, (a, b) in enumerate(zip(r, q)) if a != b), steps)
+                   for r, q in zip(reference, quantized)]
     # Mostly: every first token, and at least half of all tokens before the first divergence.
     assert all(n >= 1 for n in same_prefix), (reference, quantized)
     assert sum(same_prefix) >= len(jobs) * steps // 2, (same_prefix, reference, quantized)
