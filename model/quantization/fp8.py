@@ -100,7 +100,7 @@ class Fp8Linear(nn.Module):
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        q = pad_rows(quantize(x, self.input_scale))
+        q = quantize(pad_rows(x), self.input_scale)  # padded before the cast: zero rows stay zero
         y = _scaled_mm(q, self.weight.t(), self.input_scale, self.weight_scale, self.bias, self.out_dtype)
         return y[:rows] if y.shape[0] != rows else y
 
@@ -125,8 +125,8 @@ def scaled_mm_supported(device: torch.device) -> tuple[bool, str]:
     if (major, minor) < (8, 9):
         return False, f"compute capability {major}.{minor} has no FP8 tensor cores (8.9 and above do)"
     try:  # one small product, so that a cuBLASLt that refuses shows here and not in the first request
-        a = torch.zeros(ROW_MULTIPLE, 32, device=device, dtype=FP8)
-        b = torch.zeros(32, 32, device=device, dtype=FP8).t()
+        a = torch.zeros(ROW_MULTIPLE, 32, device=device).to(FP8)
+        b = torch.zeros(32, 32, device=device).to(FP8).t()
         one = torch.ones((), device=device, dtype=torch.float32)
         _scaled_mm(a, b, one, one, None, torch.bfloat16)
         torch.cuda.synchronize(device)
