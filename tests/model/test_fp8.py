@@ -297,6 +297,15 @@ def test_quantization_fp8_builds_random_fp8_weights_under_load_format_dummy(tiny
     with pytest.raises(ValueError, match="is not an FP8 checkpoint"):
         load_model(str(tiny_path), None, "cpu", "auto", quantization="fp8")
 
+    from model.engine import load_engine
+    from tests.model.tiny_helpers import run
+
+    engine = load_engine(str(tiny_path), None, device="cpu", max_num_tiles=1, max_running=2, max_seq_len=2048,
+                         load_format="dummy", quantization="fp8")
+    assert len(fp8_layers(engine.runner.model)) == 14
+    (text, _, last, _), = run(engine, [make_job([noise_image(64, 64, 0)], "Caption:", max_tokens=4)])
+    assert last.completion_tokens == 4
+
 
 def test_full_size_weight_bytes_of_each_variant_are_those_the_readme_gives():
     """Computed from the architecture (meta device): the FP8 variant keeps the LM head, the embeddings, the
