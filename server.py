@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")
     max_num_tiles: int = Field(12, ge=1, le=12)
-    nim_served_model_name: str = SERVED_MODEL_NAME
+    nim_served_model_name: str = Field(SERVED_MODEL_NAME, description="comma-separated names accepted in `model`; "
+                                       "the first is the one answers report")
+    quantization: str = Field("auto", pattern="^(auto|fp8)$", description="auto: as the checkpoint declares; fp8: "
+                              "an FP8 checkpoint, or random FP8 weights with LOAD_FORMAT=dummy")
     max_model_len: int = Field(16384, ge=64, description="prompt plus output tokens of one request (the size "
                                                          "of one slot)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory for weights, "
@@ -107,10 +110,30 @@ class Settings(BaseSettings):
             return []
         return [self.api_key.get_secret_value()]
 
-    def metadata(self) -> dict:
+    def model_quantization(self) -> str:
+        """"fp8" or "none": what the checkpoint declares (QUANTIZATION=fp8 says fp8), read without loading it."""
+        if self.quantization == "fp8":
+            return "fp8"
+        if self.enable_mock_inference:  # no model: the name of MODEL_ID decides
+            return "fp8" if "fp8" in self.model_id.lower() else "none"
+        from model.quantization.config import declared_quantization
+
+        return declared_quantization(self.model_id, self.model_revision)
+
+    def served_model_names(self, quantization: str) -> list[str]:
+        """NIM_SERVED_MODEL_NAME's names; by default the model's name and its variant's (`...-bf16`, `...-fp8`)."""
+        if "nim_served_model_name" in self.model_fields_set:
+            names = [n.strip() for n in self.nim_served_model_name.split(",") if n.strip()]
+            return list(dict.fromkeys(names)) or [SERVED_MODEL_NAME]
+        return [SERVED_MODEL_NAME, f"{SERVED_MODEL_NAME}-{'fp8' if quantization == 'fp8' else 'bf16'}"]
+
+    def metadata(self, quantization: str = "none") -> dict:
+        names = self.served_model_names(quantization)
         return {
             "version": __version__,
-            "modelInfo": [{"shortName": self.nim_served_model_name, "modelUrl": self.model_id}],
+            "modelInfo": [{"shortName": name, "modelUrl": self.model_id} for name in names],
+            "served_model_names": names,
+            "quantization": quantization,
             "model_id": self.model_id,
             "revision": self.model_revision,
             "mock": self.enable_mock_inference,
@@ -143,8 +166,10 @@ class CaptionAPI(ls.LitAPI):
     """Runs in the inference worker: one engine, stepped by `EngineLoop` (continuous batching)."""
 
     def __init__(self, settings: Settings, shared: SharedState):
-        info = ServiceInfo(settings.nim_served_model_name, settings.model_id, settings.max_model_len,
-                           settings.request_timeout, settings.metadata())
+        quantization = settings.model_quantization()
+        first, *aliases = settings.served_model_names(quantization)
+        info = ServiceInfo(first, settings.model_id, settings.max_model_len, settings.request_timeout,
+                           settings.metadata(quantization), tuple(aliases))
         prompt_check = None if settings.enable_mock_inference else PromptCheck(
             settings.model_id, settings.model_revision, settings.max_model_len)
         super().__init__(spec=CaptionSpec(info, settings.limits(), shared, settings.caption_cache_size,
@@ -177,7 +202,7 @@ class CaptionAPI(ls.LitAPI):
                            dtype=s.dtype, max_num_tiles=s.max_num_tiles, max_running=s.max_batch_size,
                            max_seq_len=s.max_model_len, max_prefill_tokens=s.max_prefill_tokens,
                            ssm_dtype=s.ssm_state_dtype, memory_fraction=s.gpu_memory_utilization,
-                           load_format=s.load_format, enforce_eager=s.enforce_eager)
+                           load_format=s.load_format, enforce_eager=s.enforce_eager, quantization=s.quantization)
 
     def authorize(self, request: Request) -> None:
         self.auth.check(request)
@@ -232,8 +257,10 @@ def main() -> None:
 
         check_can_run(settings.model_id, settings.device)
         check_model_source(settings.model_id, settings.model_revision)
-    logger.info("serving %s as '%s' (mock=%s, max_batch_size=%d, max_model_len=%d, max_prefill_tokens=%d)",
-                settings.model_id, settings.nim_served_model_name, settings.enable_mock_inference,
+    quantization = settings.model_quantization()
+    logger.info("serving %s (quantization %s) as %s (mock=%s, max_batch_size=%d, max_model_len=%d, "
+                "max_prefill_tokens=%d)", settings.model_id, quantization,
+                ", ".join(f"'{n}'" for n in settings.served_model_names(quantization)), settings.enable_mock_inference,
                 settings.max_batch_size, settings.max_model_len, settings.max_prefill_tokens)
     shared = SharedState(settings.max_queued_requests)
     server = build_server(settings, shared)

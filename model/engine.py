@@ -75,7 +75,8 @@ def load_engine(model_id: str, revision: str | None = None, device: str = "auto"
                 max_num_tiles: int = 12, max_running: int = 8, max_seq_len: int = 16384,
                 max_prefill_tokens: int = 2048, ssm_dtype: str = "float32",
                 memory_fraction: float = 0.9, load_format: str = "safetensors",
-                enforce_eager: bool = False) -> LLMEngine:
+                enforce_eager: bool = False, quantization: str = "auto") -> LLMEngine:
     """Load the checkpoint (downloading it if needed) and return an engine ready for requests."""
-    runner = load_runner(model_id, revision, device, dtype, 1, max_seq_len, ssm_dtype, load_format, enforce_eager)
+    runner = load_runner(model_id, revision, device, dtype, 1, max_seq_len, ssm_dtype, load_format, enforce_eager,
+                         quantization)
     return build_engine(runner, max_running, max_seq_len, max_prefill_tokens, max_num_tiles, memory_fraction)

@@ -16,6 +16,9 @@ from transformers import PreTrainedTokenizerFast
 from model.architecture import NemotronNanoVLV2
 from model.config import VLConfig, translate_config
 from model.official import MODEL_ID
+from model.quantization import (Fp8Linear, QuantConfig, UnsupportedQuantization, prepare_fp8_layers,
+                                read_quant_config, replace_linears)
+from model.quantization.fp8 import FP8, SCALE_NAMES
 from model.weights import iter_native
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _is_full_size(model_id: str) -> bool:
-    if model_id == MODEL_ID:
+    if model_id == MODEL_ID or model_id.startswith(MODEL_ID.removesuffix("BF16")):  # -BF16, -FP8, -NVFP4-QAD
         return True
     config_path = Path(model_id) / "config.json"
     if config_path.is_file():
@@ -83,6 +86,10 @@ def check_model_folder(model_id: str) -> None:
     if not (folder / "config.json").is_file():
         raise SystemExit(f"MODEL_ID={model_id}: the folder has no config.json, so it is not a checkpoint "
                          "(python -m model.tiny DIR writes a small one for trying the service on a CPU)")
+    try:
+        read_quant_config(folder)
+    except UnsupportedQuantization as exc:
+        raise SystemExit(f"MODEL_ID={model_id}: {exc}") from None
 
 
 def check_model_source(model_id: str, revision: str | None = None) -> None:
@@ -154,6 +161,43 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
+    dtype_mismatch: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # FP8 KV-cache scales: the KV cache stays in the serving dtype
+
+    @property
+    def missing_scales(self) -> list[str]:
+        return [name for name in self.missing if name.rpartition(".")[2] in SCALE_NAMES]
+
+    def problems(self) -> list[str]:
+        problems = []
+        scales = self.missing_scales
+        if scales:
+            layers = sorted({name.rpartition(".")[0] for name in scales})
+            problems.append(f"FP8 layers without their per-tensor scales (weight_scale and input_scale both "
+                            f"needed): {layers[:5]} ({len(layers)} layers in all)")
+        missing = [name for name in self.missing if name not in set(scales)]
+        if missing:
+            problems.append(f"missing: {missing[:10]} ({len(missing)} in all)")
+        if self.unexpected:
+            problems.append(f"unexpected: {self.unexpected[:10]} ({len(self.unexpected)} in all)")
+        if self.shape_mismatch:
+            problems.append(f"shape mismatch: {self.shape_mismatch[:10]}")
+        if self.dtype_mismatch:
+            problems.append(f"dtype mismatch: {self.dtype_mismatch[:10]} ({len(self.dtype_mismatch)} in all)")
+        return problems
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored: FP8 layers count one byte a weight."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def fp8_meta_model(config: VLConfig, quant: QuantConfig, dtype: torch.dtype = torch.bfloat16) -> NemotronNanoVLV2:
+    """The architecture on the meta device with the quantized linears in FP8 (for loading, and for sizing)."""
+    model = build_model(config, "meta")
+    replace_linears(model, quant, lambda name, linear: Fp8Linear(
+        linear.in_features, linear.out_features, linear.bias is not None, "meta", dtype))
+    return model
 
 
 def build_model(config: VLConfig, device: torch.device | str = "meta") -> NemotronNanoVLV2:
@@ -200,23 +244,44 @@ def _keep_float32_parameters(model: nn.Module) -> None:
             _set_tensor(model, name, param.detach().float())
 
 
+_KV_CACHE_SCALES = ("k_scale", "v_scale")
+
+
 def load_weights(model: NemotronNanoVLV2, path: Path, device: torch.device, dtype: torch.dtype) -> LoadReport:
-    """Stream official tensors into a meta-device model; report every key that does not line up."""
+    """Stream official tensors into a meta-device model; report every key that does not line up.
+
+    FP8 layers (Fp8Linear) take their E4M3 weights as they are and their scales in float32 (a scale stored
+    with shape [1] is a scalar); a higher-precision weight where an FP8 one is expected is a mismatch."""
     expected = {k: v for k, v in model.state_dict().items()}
+    quantized = any(isinstance(m, Fp8Linear) for m in model.modules())
     seen: set[str] = set()
     report = LoadReport()
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for native_name, tensor, official_name in iter_native((k, f.get_tensor(k)) for k in f.keys()):
+                if quantized and official_name.rpartition(".")[2] in _KV_CACHE_SCALES:
+                    report.ignored.append(official_name)
+                    continue
                 if tensor is None or native_name not in expected:
                     report.unexpected.append(official_name)
                     continue
-                if tuple(tensor.shape) != tuple(expected[native_name].shape):
-                    report.shape_mismatch.append(
-                        f"{official_name}: {tuple(tensor.shape)} vs {tuple(expected[native_name].shape)}"
-                    )
+                want = expected[native_name]
+                if native_name.rpartition(".")[2] in SCALE_NAMES and tensor.numel() == 1 and want.dim() == 0:
+                    tensor = tensor.reshape(())
+                if tuple(tensor.shape) != tuple(want.shape):
+                    report.shape_mismatch.append(f"{official_name}: {tuple(tensor.shape)} vs {tuple(want.shape)}")
                     continue
-                target_dtype = _serving_dtype(native_name, tensor, dtype)
+                if want.dtype == FP8 and tensor.dtype != FP8:
+                    report.dtype_mismatch.append(f"{official_name}: {tensor.dtype} where the FP8 layer needs {FP8}")
+                    continue
+                if tensor.dtype == FP8 and want.dtype != FP8:  # stored in FP8, yet excluded from quantization
+                    report.dtype_mismatch.append(f"{official_name}: {FP8} in a layer that the exclude list keeps "
+                                                 "in higher precision")
+                    continue
+                if want.dtype == FP8 or native_name.rpartition(".")[2] in SCALE_NAMES:
+                    target_dtype = want.dtype  # E4M3 weights as they are, scales in float32
+                else:
+                    target_dtype = _serving_dtype(native_name, tensor, dtype)
                 _set_tensor(model, native_name, tensor.to(device=device, dtype=target_dtype))
                 seen.add(native_name)
     report.missing = sorted(set(expected) - seen)
@@ -254,29 +319,64 @@ def build_random_model(config: VLConfig, device: torch.device, dtype: torch.dtyp
     return model
 
 
+# Random FP8 weights (LOAD_FORMAT=dummy QUANTIZATION=fp8) leave the LM head in the serving dtype, as
+# ModelOpt's FP8 recipe does; their activations get one static scale (amax 16): benchmarks, not captions.
+DUMMY_FP8 = QuantConfig(exclude_modules=("*lm_head*",), source="QUANTIZATION=fp8 (random weights)")
+DUMMY_INPUT_SCALE = 16.0 / 448.0
+
+
+def checkpoint_quantization(path: Path, quantization: str = "auto", load_format: str = "safetensors"
+                            ) -> QuantConfig | None:
+    """What the checkpoint declares, checked against QUANTIZATION (auto: whatever the checkpoint is; fp8:
+    an FP8 checkpoint, or random FP8 weights under LOAD_FORMAT=dummy)."""
+    declared = read_quant_config(path)
+    if quantization in ("", "auto") or declared is not None:
+        return declared
+    if quantization != "fp8":
+        raise ValueError(f"QUANTIZATION={quantization!r}: supported are auto and fp8")
+    if load_format == "dummy":
+        return DUMMY_FP8
+    raise ValueError(f"QUANTIZATION=fp8 but {path} is not an FP8 checkpoint (neither config.json's "
+                     "quantization_config nor hf_quant_config.json says so); this service does not quantize "
+                     "BF16 weights at load (QUANTIZATION=fp8 with LOAD_FORMAT=dummy builds random FP8 weights)")
+
+
 def load_model(
-    model_id: str, revision: str | None, device: str = "auto", dtype: str = "auto", load_format: str = "safetensors"
+    model_id: str, revision: str | None, device: str = "auto", dtype: str = "auto", load_format: str = "safetensors",
+    quantization: str = "auto",
 ) -> tuple[NemotronNanoVLV2, PreTrainedTokenizerFast, Path]:
     path = resolve_model_path(model_id, revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     config = read_config(path)
+    quant = checkpoint_quantization(path, quantization, load_format)
     if load_format == "dummy":
         log.warning("LOAD_FORMAT=dummy: random weights (for benchmarks; captions are meaningless)")
         model = build_random_model(config, torch_device, torch_dtype).eval()
+        if quant is not None:
+            replace_linears(model, quant, lambda name, linear: Fp8Linear.from_linear(linear, DUMMY_INPUT_SCALE))
+            if torch_device.type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 weights just replaced
+            log.info(prepare_fp8_layers(model, torch_device))
+        log.info("random weights on %s as %s: %.2f GiB", torch_device, torch_dtype, weight_bytes(model) / 2**30)
         return model, load_tokenizer(path), path
-    model = build_model(config, "meta")
+    if quant is not None:
+        model = fp8_meta_model(config, quant, torch_dtype)
+        log.info("ModelOpt %s checkpoint (%s): %d linear layers of the language model in FP8; excluded: %s",
+                 quant.algo, quant.source, sum(isinstance(m, Fp8Linear) for m in model.modules()),
+                 list(quant.exclude_modules)[:8])
+    else:
+        model = build_model(config, "meta")
     report = load_weights(model, path, torch_device, torch_dtype)
-    problems = []
-    if report.missing:
-        problems.append(f"missing: {report.missing[:10]} ({len(report.missing)} in all)")
-    if report.unexpected:
-        problems.append(f"unexpected: {report.unexpected[:10]} ({len(report.unexpected)} in all)")
-    if report.shape_mismatch:
-        problems.append(f"shape mismatch: {report.shape_mismatch[:10]}")
+    problems = report.problems()
     if problems:
         raise RuntimeError(f"checkpoint {path} does not match the architecture: " + "; ".join(problems))
+    if report.ignored:
+        log.info("ignored %d FP8 KV-cache scales: the KV cache stays in %s", len(report.ignored), torch_dtype)
     model.eval()
+    if quant is not None:
+        log.info(prepare_fp8_layers(model, torch_device))
     tokenizer = load_tokenizer(path)
-    log.info("loaded %s on %s as %s", path, torch_device, torch_dtype)
+    log.info("loaded %s on %s as %s%s: %.2f GiB of weights", path, torch_device, torch_dtype,
+             " with FP8 linear layers" if quant else "", weight_bytes(model) / 2**30)
     return model, tokenizer, path

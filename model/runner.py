@@ -169,8 +169,8 @@ def size_pool_on_gpu(runner: NemotronRunner, max_slots: int, max_seq_len: int, m
 
 def load_runner(model_id: str, revision: str | None, device: str, dtype: str, num_slots: int, max_seq_len: int,
                 ssm_dtype: str = "float32", load_format: str = "safetensors",
-                enforce_eager: bool = False) -> NemotronRunner:
-    model, tokenizer, path = load_model(model_id, revision, device, dtype, load_format)
+                enforce_eager: bool = False, quantization: str = "auto") -> NemotronRunner:
+    model, tokenizer, path = load_model(model_id, revision, device, dtype, load_format, quantization)
     state_dtype = getattr(torch, ssm_dtype)
     return NemotronRunner(model, tokenizer, num_slots, max_seq_len, state_dtype, path, enforce_eager)
 

@@ -4,6 +4,9 @@ Same config.json form as nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16 (model_type 
 llm_config, vision_config with RADIO `args`, ...), safetensors shards with the official tensor names, a
 byte-level BPE tokenizer trained here (no download) with the official special tokens, and a chat
 template of the official form. Tiles stay 512x512 with 256 tokens each, so prompts have real lengths.
+
+`python -m model.tiny --fp8 OUT_DIR` writes its FP8 variant in the layout of NVIDIA's ModelOpt FP8 release
+(model/quantization/export.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -188,14 +192,32 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def write_tiny_fp8_checkpoint(out_dir: str | Path, seed: int = 0, source: str | Path | None = None) -> Path:
+    """The FP8 (ModelOpt layout) checkpoint of the tiny BF16 one: `source`, or one written here with `seed`."""
+    from model.quantization.export import write_fp8_checkpoint
+
+    if source is not None:
+        return write_fp8_checkpoint(source, out_dir, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_fp8_checkpoint(write_tiny_checkpoint(Path(tmp) / "bf16", seed), out_dir, seed=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp8", action="store_true",
+                        help="write the FP8 checkpoint (ModelOpt layout, calibrated scales) of the tiny BF16 one")
+    parser.add_argument("--from", dest="source", default=None,
+                        help="with --fp8: convert this tiny BF16 checkpoint instead of writing a fresh one")
     args = parser.parse_args()
-    path = write_tiny_checkpoint(args.out_dir, args.seed)
+    if args.fp8:
+        path = write_tiny_fp8_checkpoint(args.out_dir, args.seed, args.source)
+    else:
+        path = write_tiny_checkpoint(args.out_dir, args.seed)
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    print(f"wrote tiny checkpoint to {path} ({size / 1e6:.1f} MB); use MODEL_ID={path} DEVICE=cpu")
+    kind = "tiny FP8 checkpoint" if args.fp8 else "tiny checkpoint"
+    print(f"wrote {kind} to {path} ({size / 1e6:.1f} MB); use MODEL_ID={path} DEVICE=cpu")
 
 
 if __name__ == "__main__":

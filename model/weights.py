@@ -97,3 +97,13 @@ def iter_native(official: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[
             continue
         for native_name, native_tensor in mapped:
             yield native_name, native_tensor, name
+
+
+def official_module_name(native_module: str) -> str:
+    """The official name of a native module outside the vision blocks (language model, projector, embeddings)."""
+    for old, new in _PREFIX_RULES:
+        if native_module.startswith(new):
+            return old + native_module[len(new):]
+        if native_module + "." == new:
+            return old.rstrip(".")
+    return native_module

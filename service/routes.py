@@ -25,6 +25,11 @@ class ServiceInfo:
     max_model_len: int
     request_timeout: float
     metadata: dict  # its "version" is the release
+    aliases: tuple[str, ...] = ()  # more names accepted in `model` and listed by /v1/models
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.served_model_name, *self.aliases)
 
 
 class OperationalRoutes:
@@ -37,8 +42,8 @@ class OperationalRoutes:
                 (METRICS, self.metrics, ["GET"])]
 
     async def list_models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.info.served_model_name, root=self.info.model_root,
-                                         max_model_len=self.info.max_model_len)])
+        return ModelList(data=[ModelCard(id=name, root=self.info.model_root, max_model_len=self.info.max_model_len)
+                               for name in self.info.model_names])
 
     async def live(self) -> JSONResponse:
         return JSONResponse({"object": "health.response", "message": "Service is live."})

@@ -82,9 +82,10 @@ class CaptionSpec(OpenAISpec):
         # Parsing and validating a body of up to MAX_REQUEST_BYTES is CPU work: off the event loop, so
         # liveness and other requests never wait behind it.
         request = await asyncio.to_thread(_parse_request, await raw_request.body())
-        if request.model and request.model != self.info.served_model_name:
-            raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
-                                f"'{self.info.served_model_name}'.", param="model", code="model_not_found")
+        if request.model and request.model not in self.info.model_names:
+            names = "', '".join(self.info.model_names)
+            raise APIError(404, f"The model '{request.model}' does not exist; this server serves '{names}'.",
+                           param="model", code="model_not_found")
         if not self.is_ready():
             metrics.REJECTED.labels("not_ready").inc()
             raise _unavailable()

@@ -195,6 +195,14 @@ def tiny_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp8_path(tiny_path, tmp_path_factory):
+    """The FP8 checkpoint (ModelOpt layout, calibrated per-tensor scales) of the tiny one, once per session."""
+    from model.quantization.export import write_fp8_checkpoint
+
+    return write_fp8_checkpoint(tiny_path, tmp_path_factory.mktemp("tiny-fp8") / "ckpt", prompts=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_service(tiny_path, tmp_path_factory):
     """The real engine on the tiny checkpoint, batching up to 8, behind a real server."""
     service = Service({"MODEL_ID": str(tiny_path), "NIM_REQUIRE_AUTH": "0", "MAX_BATCH_SIZE": "8"},

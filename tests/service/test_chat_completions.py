@@ -155,7 +155,7 @@ def test_openai_client_non_streaming_and_streaming(mock_service):
             finish = chunk.choices[0].finish_reason or finish
     assert "".join(pieces) == "A dark wide image of"
     assert finish == "length"
-    assert [m.id for m in client.models.list()] == [MODEL_NAME]
+    assert [m.id for m in client.models.list()] == [MODEL_NAME, f"{MODEL_NAME}-bf16"]  # the name, the variant's
 
 
 def test_unknown_model_is_404_and_empty_model_accepted(mock_service, auth_headers):
