@@ -388,7 +388,8 @@ def kernels_per_step(run: Run) -> None:
     run.extra["sdpa_backends"] = backends
 
 
-def in_process(run: Run, checkpoint: Path, device: str, load_format: str, compare_eager: bool) -> None:
+def in_process(run: Run, checkpoint: Path, device: str, load_format: str, compare_eager: bool,
+               quantization: str = "bf16") -> None:
     torch_device = torch.device(device)
     tiny = run.tiny
     with run.phase("card"):
@@ -408,7 +409,7 @@ def in_process(run: Run, checkpoint: Path, device: str, load_format: str, compar
         if big:
             torch.cuda.reset_peak_memory_stats(torch_device)
         runner = load_runner(str(checkpoint), None, device, "auto", max(DECODE_BATCHES), MAX_SEQ_LEN,
-                             load_format=load_format)
+                             load_format=load_format, quantization="auto" if quantization == "bf16" else quantization)
         sync(torch_device)
         if big:  # weights, slot pool and the captured graphs; the peak is never reset after this
             run.results["memory_after_load_gb"] = round(torch.cuda.memory_allocated(torch_device) / 1e9, 2)
@@ -464,12 +465,14 @@ def free_port() -> int:
 
 
 def start_server(checkpoint: Path, device: str, load_format: str, log_path: Path, step_log: Path,
-                 timeout: float) -> tuple:
+                 timeout: float, quantization: str = "bf16") -> tuple:
     port = free_port()
     env = {**os.environ, "MODEL_ID": str(checkpoint), "LOAD_FORMAT": load_format, "DEVICE": device,
            "NIM_REQUIRE_AUTH": "0", "MAX_BATCH_SIZE": str(BATCH), "MAX_QUEUED_REQUESTS": "1024",
            "MAX_MODEL_LEN": str(MAX_SEQ_LEN), "REQUEST_TIMEOUT": "900", "HOST": "127.0.0.1", "PORT": str(port),
            "PYTHONUNBUFFERED": "1", "STEP_LOG": str(step_log), "SHUTDOWN_GRACE_PERIOD": "1"}
+    if quantization != "bf16":
+        env["QUANTIZATION"] = quantization
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "server.py"], cwd=ROOT, env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -513,7 +516,8 @@ def level_limits(warmup_s: float, window_s: float, drain_s: float, concurrency: 
     return Limits(warmup_s * scale, window_s * scale, 4 * concurrency, drain_s * scale)
 
 
-def over_http(run: Run, checkpoint: Path, device: str, load_format: str, deadline: float) -> None:
+def over_http(run: Run, checkpoint: Path, device: str, load_format: str, deadline: float,
+              quantization: str = "bf16") -> None:
     tiny = run.tiny
     step_log = run.out / "steps.jsonl"
     step_log.unlink(missing_ok=True)
@@ -521,7 +525,7 @@ def over_http(run: Run, checkpoint: Path, device: str, load_format: str, deadlin
     max_tokens = 8 if tiny else OUTPUT_TOKENS
     with run.phase("server start"):
         proc, url = start_server(checkpoint, device, load_format, run.out / "server.log", step_log,
-                                 max(60.0, min(240.0, deadline - time.monotonic() - 30.0)))
+                                 max(60.0, min(240.0, deadline - time.monotonic() - 30.0)), quantization)
     details = run.extra.setdefault("http", {})
     try:
         for tiles, warmup_s, window_s, drain_s in HTTP_LEVELS:
@@ -721,7 +725,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for the whole run (default {TOTAL_BUDGET_S:.0f} on a GPU): HTTP levels shrink or are "
                         "skipped to end within it")
+    p.add_argument("--quantization", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: random FP8 weights with per-tensor scales in the language model's linears (W8A8 from "
+                        "compute capability 8.9); the roofline stays the bf16 one, so its shares understate FP8")
     args = p.parse_args(argv)
+    if args.tiny and args.quantization != "bf16":
+        p.error("--quantization is for the full-size model on a GPU")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     deadline = _T0 + (args.budget or (float("inf") if args.tiny else TOTAL_BUDGET_S))
     if not args.tiny and not torch.cuda.is_available():
@@ -736,12 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or ROOT / "bench" / "results" / card(name).slug).resolve()
     # A copy of the tree on another machine may carry stale git metadata: BENCH_COMMIT names the commit sent.
     run = Run(out, name, os.environ.get("BENCH_COMMIT") or git_commit(), args.tiny)
+    if not args.tiny:
+        run.results["quantization"] = args.quantization
     log(f"{name}: results in {out}")
     run.save()
     try:
-        in_process(run, checkpoint, device, load_format, args.compare_eager)
+        in_process(run, checkpoint, device, load_format, args.compare_eager, args.quantization)
         if not args.skip_http:  # a server that does not start costs the HTTP figures, not the others
-            run.soft("http", lambda: over_http(run, checkpoint, device, load_format, deadline))
+            run.soft("http", lambda: over_http(run, checkpoint, device, load_format, deadline, args.quantization))
     finally:
         run.save()
     print(markdown(run.results, run.extra))
