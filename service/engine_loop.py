@@ -3,7 +3,8 @@
 A loop of our own on LitServe's hooks (instead of its batched loops): every pass takes the
 requests that arrived, aborts those whose client left or whose deadline passed, and runs one
 engine step, so a request joins the running batch at the next step and leaves the moment it is done.
-Each output goes back typed, to the API server that queued its request.
+Each output goes back typed, to the API server that queued its request: all of a step's outputs
+for one API server as one message (service/transport.py).
 """
 
 from __future__ import annotations
@@ -59,8 +60,7 @@ class EngineLoop(LitLoop):
                 lit_api.engine.abort(request_id)
                 outputs.append(RequestOutput(request_id, error=EngineError(500, "Inference failed for this request.",
                                                                            "internal_error")))
-        for output in outputs:
-            self._send(transport, output)
+        self._send(transport, outputs)
         stats = engine.stats
         metrics.RUNNING.set(stats.running)
         metrics.WAITING.set(stats.waiting)
@@ -89,17 +89,30 @@ class EngineLoop(LitLoop):
                 lit_api.engine.abort(request_id)
                 self._live.pop(request_id)
 
-    def _send(self, transport, output: RequestOutput) -> None:
-        live = self._live.get(output.request_id)
-        if live is None:
-            return
-        self.put_response(transport, live.queue_id, live.uid, output, LitAPIStatus.OK, LoopResponseType.STREAMING)
-        if output.finished:
-            self._live.pop(output.request_id)
-            if output.error is None:
-                _count(live, output)
-            self.put_response(transport, live.queue_id, live.uid, None, LitAPIStatus.FINISH_STREAMING,
-                              LoopResponseType.STREAMING)
+    def _send(self, transport, outputs: list[RequestOutput]) -> None:
+        by_server: dict[int, list] = {}
+        for output in outputs:
+            live = self._live.get(output.request_id)
+            if live is None:
+                continue
+            items = by_server.setdefault(live.queue_id, [])
+            items.append(self._item(live, output, LitAPIStatus.OK))
+            if output.finished:
+                self._live.pop(output.request_id)
+                if output.error is None:
+                    _count(live, output)
+                items.append(self._item(live, None, LitAPIStatus.FINISH_STREAMING))
+        send_many = getattr(transport, "send_many", None)
+        for queue_id, items in by_server.items():
+            if send_many is not None:
+                send_many(items, queue_id)
+            else:  # LitServe's own transports take one item at a time
+                for item in items:
+                    transport.send(item, consumer_id=queue_id)
+
+    def _item(self, live: _Live, data, status: LitAPIStatus) -> tuple:
+        """What LitServe's `put_response` would send; its response task on the API server reads it."""
+        return live.uid, (data, status, LoopResponseType.STREAMING, self.worker_id)
 
 
 def _count(live: _Live, output: RequestOutput) -> None:
