@@ -35,6 +35,7 @@ from service.remote_images import RemoteImagePolicy
 from service.routes import ServiceInfo
 from service.spec import CaptionSpec
 from service.state import SharedState
+from service.step_log import StepLog
 from service.transport import StepTransport
 
 __version__ = "0.1.0"
@@ -62,6 +63,8 @@ class Settings(BaseSettings):
     request_read_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a whole request")
     max_connections: int = Field(1000, ge=1, description="open connections per API server; 503 above")
     shutdown_grace_period: float = Field(120.0, ge=0, description="seconds SIGTERM waits for in-flight work")
+    step_log: Optional[str] = Field(None, description="file the inference worker appends one JSON line per "
+                                                      "engine step to (service/step_log.py); unset = off")
 
     # Model
     enable_mock_inference: bool = False
@@ -169,6 +172,7 @@ class CaptionAPI(ls.LitAPI):
         except Exception as exc:  # noqa: BLE001 - one line for the operator; the traceback only at DEBUG
             logger.error("the model could not be loaded: %s", one_line(exc), exc_info=logger.isEnabledFor(logging.DEBUG))
             raise SystemExit(1) from None  # the main process sees the worker gone and exits non-zero
+        self.step_log = StepLog(self.settings.step_log) if self.settings.step_log else None
         runner = self.engine.runner
         self.shared.set_engine(self.engine.scheduler.num_slots, str(runner.device), str(runner.dtype).removeprefix("torch."))
 

@@ -51,8 +51,10 @@ class EngineLoop(LitLoop):
         self._abort_abandoned(lit_api, lit_api.cancelled_jobs())
         if not engine.has_unfinished():
             return
+        stepped = False
         try:
             outputs = list(lit_api.encode_response(lit_api.predict()))
+            stepped = True
         except Exception:  # noqa: BLE001 - a bug must cost the requests in flight, not the worker
             logger.exception("engine step failed; ending the %d requests in flight", len(self._live))
             outputs = []
@@ -62,6 +64,9 @@ class EngineLoop(LitLoop):
                                                                            "internal_error")))
         self._send(transport, outputs)
         stats = engine.stats
+        step_log = getattr(lit_api, "step_log", None)  # STEP_LOG
+        if stepped and step_log is not None:
+            step_log.write(stats)
         metrics.RUNNING.set(stats.running)
         metrics.WAITING.set(stats.waiting)
         metrics.STEP_SECONDS.observe(stats.seconds)
