@@ -4,7 +4,8 @@ Greedy rows take the exact argmax. Sampled rows draw by inverse CDF: one uniform
 (not one per vocabulary entry), found in the cumulative sum of the row's tempered, top-p-cut
 probabilities. A request with a seed gets its numbers from a counter-based hash of (seed, token
 index): its caption does not depend on what else shares the step, and every seeded row of the
-batch is drawn in the same call, without a generator per row. Only the chosen ids cross to the host.
+batch is drawn in the same call, without a generator per row. Temperature, top-p and seeds live in
+per-slot tensors on the device (`SlotSettings`). Only the chosen ids cross to the host.
 """
 
 from __future__ import annotations
@@ -49,9 +50,50 @@ def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
+class SlotSettings:
+    """Sampling settings per slot, on the device: written once when a sequence takes its slot, so a step
+    copies only its rows' slot numbers, not lists of settings."""
+
+    def __init__(self, device: torch.device, size: int = 64):
+        self.device = device
+        self.owner: list[object] = [None] * size
+        self.settings = torch.ones(size, 2, device=device)  # temperature (1 for greedy rows: unused), top_p
+        self.seeds = torch.zeros(size, dtype=torch.int64, device=device)
+        self.seeded = torch.zeros(size, dtype=torch.bool, device=device)
+        self.drawn = torch.zeros(size, dtype=torch.int64, device=device)  # numbers drawn: a seeded row's counter
+
+    def _grow(self, size: int) -> None:
+        extra = size - len(self.owner)
+        self.owner += [None] * extra
+        self.settings = torch.cat([self.settings, torch.ones(extra, 2, device=self.device)])
+        self.seeds, self.seeded, self.drawn = (torch.cat([t, torch.zeros(extra, dtype=t.dtype, device=self.device)])
+                                               for t in (self.seeds, self.seeded, self.drawn))
+
+    def rows(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The rows' slots, as an index on the device; a slot with a new sequence gets its settings first."""
+        slots = [seq.slot for seq in seqs]
+        if max(slots) >= len(self.owner):
+            self._grow(max(2 * len(self.owner), max(slots) + 1))
+        for seq, slot in zip(seqs, slots):
+            if self.owner[slot] is not seq:
+                self.owner[slot] = seq
+                p = seq.params
+                self.settings[slot] = torch.tensor([1.0 if p.greedy else p.temperature, p.top_p])
+                self.seeds[slot] = _signed(p.seed) if p.seed is not None else 0
+                self.seeded[slot] = p.seed is not None
+                self.drawn[slot] = seq.completion_tokens
+        return Sampler._tensor(slots, self.device)
+
+
 class Sampler:
     def __init__(self):
         self._shared: dict[torch.device, torch.Generator] = {}
+        self._slot_settings: SlotSettings | None = None
+
+    def _slots(self, device: torch.device) -> SlotSettings:
+        if self._slot_settings is None or self._slot_settings.device != device:
+            self._slot_settings = SlotSettings(device)
+        return self._slot_settings
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._shared:
@@ -97,17 +139,14 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
-        # Greedy rows get temperature 1 and no seed here; their sampled value is discarded.
-        floats = self._tensor([(1.0 if s.params.greedy else s.params.temperature, s.params.top_p) for s in seqs],
-                              device, torch.float32)
-        temperature, top_p = floats[:, 0], floats[:, 1]
+        table = self._slots(device)
+        slots = table.rows(seqs)
+        temperature, top_p = table.settings[slots].unbind(-1)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         uniform = torch.rand(len(seqs), device=device, generator=self._shared_generator(device))
-        seeded = [row for row, s in enumerate(seqs) if s.params.seed is not None and not s.params.greedy]
-        if seeded:
-            ints = self._tensor([(_signed(seqs[r].params.seed), seqs[r].completion_tokens) for r in seeded],
-                                device, torch.int64)
-            uniform[self._tensor(seeded, device)] = seeded_uniform(ints[:, 0], ints[:, 1])
+        if any(s.params.seed is not None for s in seqs):
+            uniform = torch.where(table.seeded[slots], seeded_uniform(table.seeds[slots], table.drawn[slots]), uniform)
+        table.drawn[slots] += 1
         if any(s.params.top_p < 1.0 for s in seqs):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Keep the smallest head whose mass reaches top_p; the top token always stays. Back in

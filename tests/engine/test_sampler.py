@@ -20,8 +20,8 @@ def splitmix(seed: int, counter: int) -> float:
     return (z >> 40) / (1 << 24)
 
 
-def row(temperature=1.0, top_p=1.0, seed=None, generated=0, eos_allowed=True):
-    return SimpleNamespace(params=SamplingParams(8, temperature, top_p, seed), completion_tokens=generated,
+def row(temperature=1.0, top_p=1.0, seed=None, generated=0, eos_allowed=True, slot=0):
+    return SimpleNamespace(params=SamplingParams(8, temperature, top_p, seed), completion_tokens=generated, slot=slot,
                            eos_allowed=eos_allowed, prompt=SimpleNamespace(eos_ids=frozenset({0})))
 
 
@@ -36,10 +36,12 @@ def test_seeded_numbers_are_splitmix64_of_seed_and_token_index():
 def test_a_seeded_row_does_not_depend_on_its_neighbours():
     logits = torch.randn(1, 500, generator=torch.Generator().manual_seed(0))
     sampler = Sampler()
-    alone = [sampler(logits, [row(seed=42, generated=k)])[0] for k in range(20)]
+    seeded = row(seed=42, slot=5)
+    alone = [sampler(logits, [seeded])[0] for _ in range(20)]  # its slot counts the numbers it drew
     crowd = torch.cat([torch.randn(3, 500), logits, torch.randn(2, 500)])
-    together = [sampler(crowd, [row(), row(0.0), row(top_p=0.5), row(seed=42, generated=k), row(seed=1), row()])[3]
-                for k in range(20)]
+    again = row(seed=42, slot=1)  # a new sequence: its slot starts counting afresh
+    others = [row(slot=0), row(0.0, slot=2), row(top_p=0.5, slot=3), again, row(seed=1, slot=4), row(slot=6)]
+    together = [sampler(crowd, others)[3] for _ in range(20)]
     assert alone == together and len(set(alone)) > 1
 
 
