@@ -1,6 +1,9 @@
 """How many tokens the service's host side carries when the model costs nothing.
 
     python -m bench.host_path --checkout new=. --checkout base=/tmp/base --reps 3 --out bench/results/host-path
+    # a third run of the base with one torch thread, to tell the transport's share from the threads':
+    python -m bench.host_path --checkout new=. --checkout base=/tmp/base --checkout base1=/tmp/base \
+        --env base1:OMP_NUM_THREADS=1 --reps 2
 
 Each checkout's `python server.py` runs in mock mode at zero delay (ENABLE_MOCK_INFERENCE=1,
 MOCK_TOKEN_DELAY=0, MAX_BATCH_SIZE=64), so every token/s it reaches is a ceiling of the host path:
@@ -120,8 +123,8 @@ async def wave(port: int, concurrency: int, max_tokens: int, stream: bool) -> di
             "tokens_per_s": round(sum(tokens) / wall, 1)}
 
 
-def run_checkout(checkout: Path, args: argparse.Namespace, log: Path) -> list[dict]:
-    server = Server(checkout, {}, log)
+def run_checkout(checkout: Path, env: dict[str, str], args: argparse.Namespace, log: Path) -> list[dict]:
+    server = Server(checkout, env, log)
     try:
         asyncio.run(wave(server.port, 4, 32, False))  # warm-up: imports, first connections
         asyncio.run(wave(server.port, 4, 32, True))
@@ -145,44 +148,64 @@ def summarise(runs: list[dict], labels: list[str]) -> dict:
     return summary
 
 
+def _rate(result: dict, rep: int, label: str, mode: str) -> float:
+    run = next(r for r in result["runs"] if r["rep"] == rep and r["label"] == label)
+    return next(w["tokens_per_s"] for w in run["waves"] if w["stream"] == (mode == "stream"))
+
+
 def markdown(result: dict) -> str:
     labels = [c["label"] for c in result["checkouts"]]
-    lines = ["| checkout | commit | answers | completion tokens/s, median (each repetition) |", "|---|---|---|---|"]
+    lines = ["| checkout | commit | extra env | answers | completion tokens/s, median (each repetition) |",
+             "|---|---|---|---|---|"]
     for c in result["checkouts"]:
+        env = " ".join(f"{k}={v}" for k, v in c["env"].items()) or "-"
         for mode in ("json", "stream"):
             s = result["summary"][f"{c['label']}/{mode}"]
             each = ", ".join(f"{v:,.0f}" for v in s["all"])
-            lines.append(f"| {c['label']} | {c['commit']} | {mode} | {s['median']:,.0f} ({each}) |")
-    if len(labels) == 2:
-        new, base = labels
+            lines.append(f"| {c['label']} | {c['commit']} | {env} | {mode} | {s['median']:,.0f} ({each}) |")
+    base = result["baseline"]
+    for label in labels:
         for mode in ("json", "stream"):
-            ratio = result["summary"][f"{new}/{mode}"]["median"] / max(1e-9, result["summary"][f"{base}/{mode}"]["median"])
-            lines.append(f"\n{new} / {base}, {mode}: {ratio:.2f}x")
+            if label != base:
+                ratio = result["summary"][f"{label}/{mode}"]["median"] / max(1e-9, result["summary"][f"{base}/{mode}"]["median"])
+                paired = [_rate(result, rep, label, mode) / max(1e-9, _rate(result, rep, base, mode))
+                          for rep in range(result["reps"])]
+                lines.append(f"\n{label} / {base}, {mode}: {ratio:.2f}x (medians); per repetition, back to back: "
+                             + ", ".join(f"{r:.2f}x" for r in paired))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkout", action="append", required=True, help="LABEL=PATH of a checkout (repeatable; "
-                                                                       "with two, the ratio first/second is reported)")
+    p.add_argument("--checkout", action="append", required=True, help="LABEL=PATH of a checkout (repeatable)")
+    p.add_argument("--env", action="append", default=[], help="LABEL:KEY=VALUE, an extra variable for that "
+                                                              "checkout's server (repeatable)")
+    p.add_argument("--baseline", help="the label the others are compared with (default: the last checkout)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--out", type=Path, default=Path("bench/results/host-path"))
     args = p.parse_args(argv)
     checkouts = [(label, Path(path).resolve()) for label, _, path in (c.partition("=") for c in args.checkout)]
+    envs: dict[str, dict[str, str]] = {}
+    for item in args.env:
+        label, _, assignment = item.partition(":")
+        key, _, value = assignment.partition("=")
+        envs.setdefault(label, {})[key] = value
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for rep in range(args.reps):
         for label, path in checkouts:  # back to back: both see the same load from other processes
-            waves = run_checkout(path, args, args.out / f"server-{label}.log")
+            waves = run_checkout(path, envs.get(label, {}), args, args.out / f"server-{label}.log")
             runs.append({"rep": rep, "label": label, "waves": waves})
             print(f"rep {rep} {label}: " + ", ".join(f"{'stream' if w['stream'] else 'json'} "
                                                      f"{w['tokens_per_s']:,.0f} tok/s ({w['ok']}/{w['requests']} ok)"
                                                      for w in waves), flush=True)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
               "concurrency": args.concurrency, "max_tokens": args.max_tokens, "reps": args.reps,
-              "checkouts": [{"label": label, "path": str(path), "commit": git_commit(path)} for label, path in checkouts],
+              "checkouts": [{"label": label, "path": str(path), "commit": git_commit(path), "env": envs.get(label, {})}
+                            for label, path in checkouts],
+              "baseline": args.baseline or checkouts[-1][0],
               "runs": runs, "summary": summarise(runs, [label for label, _ in checkouts])}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
