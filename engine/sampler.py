@@ -11,6 +11,7 @@ per-slot tensors on the device (`SlotSettings`). Only the chosen ids cross to th
 from __future__ import annotations
 
 import secrets
+import weakref
 
 import torch
 
@@ -56,7 +57,7 @@ class SlotSettings:
 
     def __init__(self, device: torch.device, size: int = 64):
         self.device = device
-        self.owner: list[object] = [None] * size
+        self.owner: list[weakref.ref | None] = [None] * size  # whose settings each slot holds
         self.settings = torch.ones(size, 2, device=device)  # temperature (1 for greedy rows: unused), top_p
         self.seeds = torch.zeros(size, dtype=torch.int64, device=device)
         self.seeded = torch.zeros(size, dtype=torch.bool, device=device)
@@ -75,9 +76,10 @@ class SlotSettings:
         if max(slots) >= len(self.owner):
             self._grow(max(2 * len(self.owner), max(slots) + 1))
         for seq, slot in zip(seqs, slots):
-            if self.owner[slot] is not seq:
-                self.owner[slot] = seq
-                p = seq.params
+            p = seq.params  # one object per sequence; a weak reference, so finished requests are not kept
+            owner = self.owner[slot]
+            if owner is None or owner() is not p:
+                self.owner[slot] = weakref.ref(p)
                 self.settings[slot] = torch.tensor([1.0 if p.greedy else p.temperature, p.top_p])
                 self.seeds[slot] = _signed(p.seed) if p.seed is not None else 0
                 self.seeded[slot] = p.seed is not None

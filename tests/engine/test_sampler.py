@@ -63,3 +63,13 @@ def test_greedy_rows_and_held_eos_in_a_mixed_batch():
     logits[:, 4] = 10.0
     chosen = Sampler()(logits, [row(0.0), row(0.0, eos_allowed=False), row(1.0, eos_allowed=False)])
     assert chosen == [0, 4, 4]
+
+
+def test_a_slot_taken_by_a_new_sequence_samples_with_the_new_settings():
+    logits = torch.tensor([[0.0, 5.0]]).expand(2000, 2).clone()
+    sampler = Sampler()
+    cold = row(temperature=0.01, slot=0)
+    assert set(sampler.sample(logits.clone(), [cold] * 2000).tolist()) == {1}
+    hot = row(temperature=100.0, slot=0)
+    share = sampler.sample(logits.clone(), [hot] * 2000).float().mean().item()
+    assert 0.4 < share < 0.6
