@@ -10,8 +10,10 @@ scheduling; 0 after the engine was idle).
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from engine.llm_engine import StepStats
+if TYPE_CHECKING:  # the API servers import this module through server.py: no torch there
+    from engine.llm_engine import StepStats
 
 
 class StepLog:

@@ -46,3 +46,14 @@ def test_a_receive_with_a_timeout_and_nothing_sent_returns_none():
         assert asyncio.run(transport.areceive(0, timeout=0.05)) is None
     finally:
         transport.close()
+
+
+def test_the_api_server_side_imports_no_torch():
+    # server.py runs in the main and API-server processes; torch there costs seconds at start and at exit.
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    code = "import sys, server, service.transport, service.step_log; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
