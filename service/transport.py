@@ -64,7 +64,8 @@ class StepTransport(MessageTransport):
         self.send_many([item], consumer_id)
 
     def send_many(self, items: list, consumer_id: int) -> None:
-        self._socket(consumer_id).send(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+        # Copied into ZeroMQ: a zero-copy send would have pyzmq's garbage thread take the GIL for every message.
+        self._socket(consumer_id).send(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
 
     # ---- API-server side ----------------------------------------------------------------------------
 
