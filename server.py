@@ -8,6 +8,7 @@ them once, builds the LitAPI around the engine, and hands both to LitServe.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import sys
 from collections.abc import Iterable, Iterator
 from importlib.metadata import version
@@ -34,6 +35,8 @@ from service.remote_images import RemoteImagePolicy
 from service.routes import ServiceInfo
 from service.spec import CaptionSpec
 from service.state import SharedState
+from service.step_log import StepLog
+from service.transport import StepTransport
 
 __version__ = "0.1.0"
 
@@ -60,6 +63,8 @@ class Settings(BaseSettings):
     request_read_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a whole request")
     max_connections: int = Field(1000, ge=1, description="open connections per API server; 503 above")
     shutdown_grace_period: float = Field(120.0, ge=0, description="seconds SIGTERM waits for in-flight work")
+    step_log: Optional[str] = Field(None, description="file the inference worker appends one JSON line per "
+                                                      "engine step to (service/step_log.py); unset = off")
 
     # Model
     enable_mock_inference: bool = False
@@ -181,11 +186,18 @@ class CaptionAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         ignore_stop_signals_in_worker()
         configure_logging(self.settings.log_level, self.settings.log_format)  # a spawned worker starts bare
+        if mp.parent_process() is not None and (self.settings.enable_mock_inference or device.startswith("cuda")):
+            # A worker process whose torch work on the CPU is small per-step tensors: a thread pool only
+            # adds waiting, badly so on a busy machine (10x slower steps measured on 2 shared cores).
+            import torch
+
+            torch.set_num_threads(1)
         try:
             self.engine = self._build_engine(device)
         except Exception as exc:  # noqa: BLE001 - one line for the operator; the traceback only at DEBUG
             logger.error("the model could not be loaded: %s", one_line(exc), exc_info=logger.isEnabledFor(logging.DEBUG))
             raise SystemExit(1) from None  # the main process sees the worker gone and exits non-zero
+        self.step_log = StepLog(self.settings.step_log) if self.settings.step_log else None
         runner = self.engine.runner
         self.shared.set_engine(self.engine.scheduler.num_slots, str(runner.device), str(runner.dtype).removeprefix("torch."))
 
@@ -226,6 +238,16 @@ class CaptionAPI(ls.LitAPI):
         yield from outputs  # typed all the way to the API server, which builds the OpenAI shapes
 
 
+class CaptionServer(ls.LitServer):
+    """LitServer with the worker -> API-server transport replaced by ours (service/transport.py)."""
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        self._transport.close(send_sentinel=False)  # the Manager queues LitServe made, never used
+        self._transport = StepTransport.create(num_api_servers)
+        return manager
+
+
 def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
     # The body limit sits innermost, so request ids, logs and CORS also cover its 413s.
     middlewares = [(BodyLimitMiddleware, {"max_bytes": settings.max_request_bytes}), RequestContextMiddleware]
@@ -233,7 +255,7 @@ def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         middlewares.append((CORSMiddleware, {"allow_origins": origins, "allow_methods": ["GET", "POST"],
                                              "allow_headers": ["Authorization", "Content-Type", "X-Request-ID"]}))
-    server = ls.LitServer(CaptionAPI(settings, shared), accelerator=settings.accelerator(),
+    server = CaptionServer(CaptionAPI(settings, shared), accelerator=settings.accelerator(),
                           workers_per_device=settings.workers_per_device, timeout=False, middlewares=middlewares)
     install_error_handlers(server.app)
     return server

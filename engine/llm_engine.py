@@ -30,7 +30,11 @@ class StepStats:
     waiting: int = 0
     prefill_tokens: int = 0
     decode_rows: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole step
+    prefill_rows: int = 0
+    model_seconds: float = 0.0  # encoder, prefill, decode and sampling, up to the ids on the host
+    host_seconds: float = 0.0  # end of the previous step's model work to the start of this one's (0 after idle)
+    ended_at: float = 0.0  # unix time
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -53,6 +57,7 @@ class LLMEngine:
         self.stats = StepStats()
         self._arrivals = itertools.count()
         self._outputs: list[RequestOutput] = []  # produced between steps: refusals
+        self._model_done: float | None = None  # when the last step's model work ended, while work remained
 
     # ---- requests in -------------------------------------------------------------------------------
 
@@ -94,6 +99,7 @@ class LLMEngine:
         started = time.perf_counter()
         outputs, self._outputs = self._outputs, []
         plan = self.scheduler.schedule()
+        model_started = time.perf_counter()
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
         if plan.prefill:
@@ -108,15 +114,19 @@ class LLMEngine:
                 log.exception("decoding step failed for %d sequences", len(plan.decode))
                 for seq in plan.decode:
                     self._fail(seq, exc, outputs)
-        if rows:
-            for seq, token in zip(rows, self.sampler(torch.cat(logits), rows)):
-                out = seq.accept(token)
-                if out is not None:
-                    outputs.append(out)
-                if seq.done:
-                    self._finish(seq)
+        tokens = self.sampler(torch.cat(logits), rows) if rows else []
+        model_done = time.perf_counter()
+        for seq, token in zip(rows, tokens):
+            out = seq.accept(token)
+            if out is not None:
+                outputs.append(out)
+            if seq.done:
+                self._finish(seq)
+        host = model_started - self._model_done if self._model_done is not None else 0.0
+        self._model_done = model_done if self.scheduler.has_work() else None
         self.stats = StepStats(self.scheduler.num_running, self.scheduler.num_waiting, plan.prefill_tokens,
-                               len(plan.decode), time.perf_counter() - started)
+                               len(plan.decode), time.perf_counter() - started, len(plan.prefill),
+                               model_done - model_started, host, time.time())
         return outputs
 
     def _prefill(self, work: list[tuple[Sequence, PrefillChunk]], outputs: list[RequestOutput]):

@@ -3,7 +3,8 @@
 A loop of our own on LitServe's hooks (instead of its batched loops): every pass takes the
 requests that arrived, aborts those whose client left or whose deadline passed, and runs one
 engine step, so a request joins the running batch at the next step and leaves the moment it is done.
-Each output goes back typed, to the API server that queued its request.
+Each output goes back typed, to the API server that queued its request: all of a step's outputs
+for one API server as one message (service/transport.py).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class EngineLoop(LitLoop):
         self._abort_abandoned(lit_api, lit_api.cancelled_jobs())
         if not engine.has_unfinished():
             return
+        stepped = False
         try:
             outputs = list(lit_api.encode_response(lit_api.predict()))
+            stepped = True
         except Exception:  # noqa: BLE001 - a bug must cost the requests in flight, not the worker
             logger.exception("engine step failed; ending the %d requests in flight", len(self._live))
             outputs = []
@@ -59,9 +62,11 @@ class EngineLoop(LitLoop):
                 lit_api.engine.abort(request_id)
                 outputs.append(RequestOutput(request_id, error=EngineError(500, "Inference failed for this request.",
                                                                            "internal_error")))
-        for output in outputs:
-            self._send(transport, output)
+        self._send(transport, outputs)
         stats = engine.stats
+        step_log = getattr(lit_api, "step_log", None)  # STEP_LOG
+        if stepped and step_log is not None:
+            step_log.write(stats)
         metrics.RUNNING.set(stats.running)
         metrics.WAITING.set(stats.waiting)
         metrics.STEP_SECONDS.observe(stats.seconds)
@@ -89,17 +94,30 @@ class EngineLoop(LitLoop):
                 lit_api.engine.abort(request_id)
                 self._live.pop(request_id)
 
-    def _send(self, transport, output: RequestOutput) -> None:
-        live = self._live.get(output.request_id)
-        if live is None:
-            return
-        self.put_response(transport, live.queue_id, live.uid, output, LitAPIStatus.OK, LoopResponseType.STREAMING)
-        if output.finished:
-            self._live.pop(output.request_id)
-            if output.error is None:
-                _count(live, output)
-            self.put_response(transport, live.queue_id, live.uid, None, LitAPIStatus.FINISH_STREAMING,
-                              LoopResponseType.STREAMING)
+    def _send(self, transport, outputs: list[RequestOutput]) -> None:
+        by_server: dict[int, list] = {}
+        for output in outputs:
+            live = self._live.get(output.request_id)
+            if live is None:
+                continue
+            items = by_server.setdefault(live.queue_id, [])
+            items.append(self._item(live, output, LitAPIStatus.OK))
+            if output.finished:
+                self._live.pop(output.request_id)
+                if output.error is None:
+                    _count(live, output)
+                items.append(self._item(live, None, LitAPIStatus.FINISH_STREAMING))
+        send_many = getattr(transport, "send_many", None)
+        for queue_id, items in by_server.items():
+            if send_many is not None:
+                send_many(items, queue_id)
+            else:  # LitServe's own transports take one item at a time
+                for item in items:
+                    transport.send(item, consumer_id=queue_id)
+
+    def _item(self, live: _Live, data, status: LitAPIStatus) -> tuple:
+        """What LitServe's `put_response` would send; its response task on the API server reads it."""
+        return live.uid, (data, status, LoopResponseType.STREAMING, self.worker_id)
 
 
 def _count(live: _Live, output: RequestOutput) -> None:
