@@ -99,7 +99,9 @@ class DecodeGraphs:
         host = torch.tensor([tokens + [0] * pad, slots + [scratch] * pad, positions + [0] * pad], dtype=torch.long)
         # Pinned and non-blocking: the host goes on to the replay at once (a pageable copy waits for the
         # device); the caching host allocator keeps the pinned block until the copy has run.
-        staged = host.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        staged = host.to(self.device, non_blocking=True)
         self.ids[:batch].copy_(staged[0])
         self.index[:batch].copy_(staged[1])
         self.positions[:batch].copy_(staged[2])
