@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.kernels.backend import check_slots, device_ctx, interpreting, require_triton, tl, triton, use_triton
+from model.kernels.backend import check_slots, device_ctx, dot_precision, interpreting, require_triton, tl, triton, use_triton
 
 _BLOCK_L = 64  # keys per step of the walk
 
@@ -55,7 +55,7 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, out_ptr, scale, group, head_dim,
         q_sb, q_sh, k_ss, k_sh, k_sl, v_ss, v_sh, v_sl, o_sb, o_sh,
         HAS_SLOTS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         kv = tl.program_id(1)
@@ -88,13 +88,13 @@ if triton is not None:
             v = tl.load(v_base + pos[:, None] * v_sl + d[None, :], mask=kv_mask, other=0.0)
             if UPCAST:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_G, BLOCK_L)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_G, BLOCK_L)
             scores = tl.where(p_mask[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             rescale = tl.exp(best - new_best)
             weights = tl.exp(scores - new_best[:, None])
             total = total * rescale + tl.sum(weights, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
+            acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
             best = new_best
         out = acc / total[:, None]
         tl.store(out_ptr + row * o_sb + heads[:, None] * o_sh + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -118,5 +118,6 @@ def decode_attention_triton(q, keys, values, slots, lengths, span, scale) -> tor
             values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
             HAS_SLOTS=slots is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_L=_BLOCK_L, UPCAST=interpreting(),
+            PRECISION=dot_precision(q.dtype),
         )
     return out

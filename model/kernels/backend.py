@@ -70,6 +70,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: float32 operands in full IEEE precision (Triton's default, TF32, is off by
+    about 1e-3, more than a float32 model can take); bf16 and fp16 operands are exact in either."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def device_ctx(t: torch.Tensor):
     # Launch on the tensors' GPU, not whichever is current; CPU tensors only reach here under TRITON_INTERPRET.
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

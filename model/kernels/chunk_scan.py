@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.nemotron_h.modeling_nemotron_h import mamba2_chunk_scan
 
-from model.kernels.backend import check_slots, device_ctx, interpreting, require_triton, tl, triton, use_triton
+from model.kernels.backend import check_slots, device_ctx, dot_precision, interpreting, require_triton, tl, triton, use_triton
 
 _CHUNK = 64  # positions per step of the in-kernel walk: (64, 64) scores and (64, 128) B/C tiles
 _BLOCK_P = 16  # P=80 is 5 blocks; the (16, 128) state tile stays in registers
@@ -82,6 +82,7 @@ if triton is not None:
         b_sr, b_st, b_sg, b_sn, c_sr, c_st, c_sg, c_sn,
         st_ss, st_sh, st_sp, st_sn, y_sr, y_st, y_sh, y_sp,
         CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -127,13 +128,13 @@ if triton is not None:
                 xv, bv, cv = xv.to(tl.float32), bv.to(tl.float32), cv.to(tl.float32)
 
             # Within the chunk: y_t += sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) dt_s x_s.
-            scores = tl.dot(cv, tl.trans(bv))  # (CHUNK, CHUNK), float32
+            scores = tl.dot(cv, tl.trans(bv), input_precision=PRECISION)  # (CHUNK, CHUNK), float32
             segment = tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))
             weights = scores * tl.exp(segment) * dt[None, :]
-            y = tl.dot(weights.to(xv.dtype), xv)
+            y = tl.dot(weights.to(xv.dtype), xv, input_precision=PRECISION)
             # From the state entering the chunk, decayed to t (the state's copy in the input dtype feeds the
             # tensor cores, as in the reference kernels; the state itself stays float32); then the skip.
-            y += tl.exp(cum)[:, None] * tl.dot(cv, tl.trans(state).to(cv.dtype))
+            y += tl.exp(cum)[:, None] * tl.dot(cv, tl.trans(state).to(cv.dtype), input_precision=PRECISION)
             y += d_h * xv.to(tl.float32)
             tl.store(y_row + t[:, None] * y_st + p[None, :] * y_sp, y.to(y_ptr.dtype.element_ty),
                      mask=t_mask[:, None] & p_mask[None, :])
@@ -142,7 +143,7 @@ if triton is not None:
             total = tl.sum(log_decay, axis=0)
             carry = tl.exp(total - cum) * dt  # (CHUNK,)
             weighted = (xv.to(tl.float32) * carry[:, None]).to(bv.dtype)
-            state = state * tl.exp(total) + tl.dot(tl.trans(weighted), bv)
+            state = state * tl.exp(total) + tl.dot(tl.trans(weighted), bv, input_precision=PRECISION)
         tl.store(tile, state.to(state_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -162,6 +163,6 @@ def chunk_scan_triton(x, dt, A, B, C, D, dt_bias, ssm_state, slots, lengths,
             head_dim, state_size, heads // B.shape[2], float(dt_limit[0]), float(dt_limit[1]),
             *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *ssm_state.stride(), *y.stride(),
             CHUNK=_CHUNK, BLOCK_P=_BLOCK_P, BLOCK_N=max(16, triton.next_power_of_2(state_size)),
-            UPCAST=interpreting(),
+            UPCAST=interpreting(), PRECISION=dot_precision(x.dtype),
         )
     return y
