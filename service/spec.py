@@ -27,7 +27,7 @@ from engine.request import EngineRequest, RequestOutput
 from service import metrics
 from service.answers import collect, respond, sse
 from service.cache import CaptionCache
-from service.errors import APIError, from_worker
+from service.errors import APIError, from_worker, shown
 from service.jobs import JobLimits, PromptCheck, QueuedJob, build_job
 from service.protocol import ChatCompletionRequest
 from service.routes import OperationalRoutes, ServiceInfo
@@ -83,7 +83,7 @@ class CaptionSpec(OpenAISpec):
         # liveness and other requests never wait behind it.
         request = await asyncio.to_thread(_parse_request, await raw_request.body())
         if request.model and request.model != self.info.served_model_name:
-            raise APIError(404, f"The model '{request.model}' does not exist; this server serves "
+            raise APIError(404, f"The model '{shown(request.model)}' does not exist; this server serves "
                                 f"'{self.info.served_model_name}'.", param="model", code="model_not_found")
         if not self.is_ready():
             metrics.REJECTED.labels("not_ready").inc()
