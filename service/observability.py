@@ -105,6 +105,28 @@ def configure_logging(level: str, fmt: str) -> None:
     library = logging.getLogger("litserve")
     library.handlers.clear()
     library.propagate = True
+    quiet_library_advice()
+
+
+class _DropMambaAdvice(logging.Filter):
+    """transformers advises installing mamba-ssm / causal-conv1d when its Mamba functions run in PyTorch. The
+    service does not follow it (the Dockerfile says why) and the model logs its own `kernels: ...` line saying
+    which kernels run, so the advice is dropped; every other line of that logger stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("falling back to its reference PyTorch implementation" in message
+                    and ("mamba" in message or "causal-conv1d" in message))
+
+
+_MAMBA_ADVICE = _DropMambaAdvice()
+
+
+def quiet_library_advice() -> None:
+    for name in ("transformers.integrations.hub_kernels", "transformers.models.nemotron_h.modeling_nemotron_h"):
+        logger = logging.getLogger(name)
+        if _MAMBA_ADVICE not in logger.filters:
+            logger.addFilter(_MAMBA_ADVICE)
 
 
 def one_line(exc: BaseException) -> str:
