@@ -31,7 +31,8 @@ from service.connections import uvicorn_options
 from service.errors import install_error_handlers
 from service.engine_loop import EngineLoop
 from service.jobs import JobLimits, PromptCheck, QueuedJob
-from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_stop_signals_in_worker, install_drain, watch_workers
+from service.lifecycle import (WORKER_DIED_EXIT_CODE, exit_code, ignore_stop_signals_in_worker, install_drain,
+                               watch_workers)
 from service.observability import RequestContextMiddleware, configure_logging, one_line
 from service.remote_images import RemoteImagePolicy
 from service.routes import ServiceInfo
@@ -339,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
                **uvicorn_options(settings.request_read_timeout, settings.max_connections))
     if shared.worker_dead:
         sys.exit(WORKER_DIED_EXIT_CODE)
+    if exit_code():
+        sys.exit(exit_code())  # a second signal cut requests off
 
 
 if __name__ == "__main__":

@@ -199,6 +199,9 @@ class CaptionSpec(OpenAISpec):
             self.shared.release()
 
     async def _check_waiting(self, job: QueuedJob, raw_request: Request) -> None:
+        if self.shared.aborting:
+            raise APIError(503, "The service is stopping now (a second stop signal); retry the request.",
+                           code="service_unavailable", headers={"Retry-After": "5"})
         if self.shared.worker_dead:
             raise APIError(503, "The inference worker died; the service is restarting. Retry the request.",
                            code="worker_unavailable", headers={"Retry-After": "5"})
