@@ -116,7 +116,10 @@ def settings_default(field: str):
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings"]
     for node in cls.body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == field:
-            return ast.literal_eval(node.value)
+            value = node.value
+            if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Field":
+                value = value.args[0]  # Field(default, ...)
+            return ast.literal_eval(value)
     raise AssertionError(f"Settings has no field {field}")
 
 
