@@ -134,8 +134,15 @@ class CaptionSpec(OpenAISpec):
 
     def _prepare(self, request: ChatCompletionRequest, request_id: str) -> tuple[EngineRequest, str | None]:
         # Runs in a thread that carries the request's context, so the span is the request span's child.
-        with tracing.tracer().start_as_current_span("images.decode_and_tile") as span:
-            job = build_job(request, self.limits, request_id)
+        # No exception event: its message or traceback could quote the request; the status says which error.
+        with tracing.tracer().start_as_current_span("images.decode_and_tile", record_exception=False,
+                                                    set_status_on_exception=False) as span:
+            try:
+                job = build_job(request, self.limits, request_id)
+            except Exception as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(getattr(exc, "code", None)
+                                                                         or type(exc).__name__)))
+                raise
             span.set_attributes({"caption.images": len(job.images), "caption.tiles": job.tiles,
                                  "caption.image_pixels": sum(i.width * i.height for i in job.images)})
         if self.prompt_check is not None:

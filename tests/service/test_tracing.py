@@ -108,3 +108,11 @@ def test_console_exporter_writes_the_callers_trace_to_the_log(tmp_path):
     assert {s["resource"]["attributes"]["service.name"] for s in spans} == {"captions-under-test"}
     (access,) = [line for line in lines if "caption.access: POST /v1/chat/completions 200" in line]
     assert f"trace_id={CALLER_TRACE}" in access
+
+
+def test_a_bad_image_is_traced_by_its_error_code_only(spans):
+    body = nv_ingest_body("data:image/png;base64,bm90IGFuIGltYWdl")  # "not an image"
+    assert _traced([{"traceparent": TRACEPARENT}], body) == [400]
+    (decode,) = [s for s in spans.get_finished_spans() if s.name == "images.decode_and_tile"]
+    assert decode.status.status_code.name == "ERROR" and not decode.events
+    assert "bm90IGFuIGltYWdl" not in "".join(s.to_json() for s in spans.get_finished_spans())
