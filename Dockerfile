@@ -64,18 +64,24 @@ COPY engine/ engine/
 COPY model/ model/
 COPY service/ service/
 
-# Non-root user; the model cache lives in a volume it owns. A fresh named volume
-# mounted on /cache inherits this ownership; on Kubernetes use fsGroup: 1000.
-RUN groupadd --system --gid 1000 app \
-    && useradd --system --uid 1000 --gid app --create-home --home-dir /home/app app \
+# Non-root user uid 1000, gid 1000; the model cache lives in a volume it owns. A
+# fresh named volume mounted on /cache inherits this ownership; on Kubernetes use
+# fsGroup: 1000. Ubuntu 24.04 images (the default base) already have the user and
+# group `ubuntu` with these ids: it is reused as it is (a `groupadd --gid 1000`
+# there fails with "GID '1000' already exists"). On a base without them, a user
+# and group `app` are created with the same ids. Everything below names the ids,
+# never a user name, so both cases behave the same.
+RUN { getent group 1000 >/dev/null || groupadd --gid 1000 app; } \
+    && { getent passwd 1000 >/dev/null || useradd --uid 1000 --gid 1000 --create-home --home-dir /home/app app; } \
     && mkdir -p /cache/huggingface \
-    && chown -R app:app /cache
+    && chown -R 1000:1000 /cache
 
 # Container-specific settings only. Every other setting of server.py
 # (MAX_BATCH_SIZE, MAX_PREFILL_TOKENS, MAX_MODEL_LEN, GPU_MEMORY_UTILIZATION, LOG_LEVEL,
 # ENABLE_MOCK_INFERENCE, MODEL_ID, MODEL_REVISION, DEVICE, DTYPE, MAX_NUM_TILES,
 # NIM_SERVED_MODEL_NAME, NGC_API_KEY / NVIDIA_API_KEY, NIM_REQUIRE_AUTH, HF_TOKEN,
-# ...) is read from the environment at start: pass it with `-e NAME=value`.
+# the OTEL_* tracing variables, ...) is read from the environment at start: pass it
+# with `-e NAME=value` (`python server.py --help` lists them with their defaults).
 # The code's defaults apply when unset; secrets are never baked into the image.
 ENV HOST=0.0.0.0 \
     PORT=8000 \

@@ -7,17 +7,20 @@ them once, builds the LitAPI around the engine, and hands both to LitServe.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing as mp
+import os
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from importlib.metadata import version
-from typing import Optional
+from typing import Literal, Optional
 
 import litserve as ls
 from fastapi import Request
 from starlette.middleware.cors import CORSMiddleware
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.request import EngineRequest, RequestOutput
@@ -29,7 +32,8 @@ from service.connections import uvicorn_options
 from service.errors import install_error_handlers
 from service.engine_loop import EngineLoop
 from service.jobs import JobLimits, PromptCheck, QueuedJob
-from service.lifecycle import WORKER_DIED_EXIT_CODE, ignore_stop_signals_in_worker, install_drain, watch_workers
+from service.lifecycle import (WORKER_DIED_EXIT_CODE, exit_code, ignore_stop_signals_in_worker, install_drain,
+                               watch_workers)
 from service.observability import RequestContextMiddleware, configure_logging, one_line
 from service.remote_images import RemoteImagePolicy
 from service.routes import ServiceInfo
@@ -50,14 +54,14 @@ class Settings(BaseSettings):
 
     # Serving
     host: str = "0.0.0.0"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
     max_batch_size: int = Field(64, ge=1, description="sequences decoded together (at most; fewer if GPU memory "
                                                       "is short)")
     max_prefill_tokens: int = Field(2048, ge=1, description="prompt tokens prefilled per engine step (chunked "
                                                            "prefill)")
     workers_per_device: int = Field(1, ge=1)
-    log_level: str = "info"
-    log_format: str = Field("text", pattern="^(text|json)$")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = "text"
     max_queued_requests: int = Field(256, ge=1, description="requests admitted and not yet answered")
     request_timeout: float = Field(120.0, gt=0, description="seconds a request may wait and run")
     request_read_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a whole request")
@@ -71,21 +75,21 @@ class Settings(BaseSettings):
     mock_token_delay: float = Field(0.0, ge=0, description="seconds per mock decoding step")
     model_id: str = MODEL_ID
     model_revision: Optional[str] = None
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    dtype: str = Field("auto", pattern="^(auto|bfloat16|float16|float32)$")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_num_tiles: int = Field(12, ge=1, le=12)
     nim_served_model_name: str = Field(SERVED_MODEL_NAME, description="comma-separated names accepted in `model`; "
                                        "the first is the one answers report")
-    quantization: str = Field("auto", pattern="^(auto|fp8)$", description="auto: as the checkpoint declares; fp8: "
-                              "an FP8 checkpoint, or random FP8 weights with LOAD_FORMAT=dummy")
+    quantization: Literal["auto", "fp8"] = Field("auto", description="auto: as the checkpoint declares; fp8: an FP8 "
+                                                 "checkpoint, or random FP8 weights with LOAD_FORMAT=dummy")
     max_model_len: int = Field(16384, ge=64, description="prompt plus output tokens of one request (the size "
                                                          "of one slot)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory for weights, "
                                                                            "activations and the slot pool")
-    ssm_state_dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$")
+    ssm_state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     enforce_eager: bool = Field(False, description="no CUDA graphs for decoding (slower; for debugging)")
-    load_format: str = Field("safetensors", pattern="^(safetensors|dummy)$",
-                             description="dummy: random weights, for benchmarks without the checkpoint")
+    load_format: Literal["safetensors", "dummy"] = Field(
+        "safetensors", description="dummy: random weights, for benchmarks without the checkpoint")
 
     # Request limits
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body; 413 above")
@@ -109,6 +113,11 @@ class Settings(BaseSettings):
     # Auth: the same variables nv-ingest reads for its side.
     api_key: Optional[SecretStr] = Field(None, validation_alias=AliasChoices("NGC_API_KEY", "NVIDIA_API_KEY"))
     nim_require_auth: bool = True
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
 
     def api_keys(self) -> list[str]:
         if not self.nim_require_auth or self.api_key is None:
@@ -160,6 +169,16 @@ class Settings(BaseSettings):
                          remote_images=RemoteImagePolicy.from_settings(
                              self.allow_remote_images, self.remote_image_timeout, self.remote_image_max_bytes,
                              self.remote_image_hosts))
+
+    def auth_summary(self) -> str:
+        """Whether requests need a key, and which variable gave it (never the key itself)."""
+        if not self.api_keys():
+            if self.api_key is not None and not self.nim_require_auth:
+                return "off (NIM_REQUIRE_AUTH=0; the key that is set is not checked)"
+            return "off (neither NGC_API_KEY nor NVIDIA_API_KEY is set)"
+        source = next((name for name in ("NGC_API_KEY", "NVIDIA_API_KEY")
+                       if any(k.upper() == name and v for k, v in os.environ.items())), "NGC_API_KEY")
+        return f"required (Authorization: Bearer <key>, the key from {source})"
 
     def accelerator(self) -> str:
         if self.enable_mock_inference or self.device == "cpu":
@@ -261,22 +280,98 @@ def build_server(settings: Settings, shared: SharedState) -> ls.LitServer:
     return server
 
 
+def _env_names(name: str, field) -> list[str]:
+    alias = field.validation_alias
+    return list(alias.choices) if isinstance(alias, AliasChoices) else [name.upper()]
+
+
+def _setting_problem(error: dict) -> str:
+    """One bad setting as `NAME='value': what is allowed`, with the allowed values rather than a pattern."""
+    name = ".".join(map(str, error["loc"])).upper()
+    field = Settings.model_fields.get(name.lower())
+    value = error.get("input")
+    shown_value = "<hidden>" if field is not None and field.annotation in (SecretStr, Optional[SecretStr]) else repr(value)
+    message = error["msg"]
+    if error["type"] == "string_pattern_mismatch" and field is not None and field.description:
+        message = f"should be {field.description}"
+    return f"{name}={shown_value}: {message}"
+
+
 def read_settings() -> Settings:
-    """The settings, or an exit with one line per bad variable."""
+    """The settings, or an exit with one line naming each bad variable, its value and what it may be."""
     try:
         return Settings()
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
-        raise SystemExit("configuration error: " + "; ".join(lines)) from None
+        raise SystemExit("configuration error: " + "; ".join(map(_setting_problem, exc.errors()))) from None
 
 
-def main() -> None:
+def settings_help() -> str:
+    """`python server.py --help`: every setting with its default and meaning."""
+    lines = [__doc__.strip().splitlines()[0], "",
+             "usage: [NAME=value ...] python server.py", "",
+             "Every setting is an environment variable (README.md, Configuration). Tracing uses OpenTelemetry's",
+             "standard OTEL_* variables (off unless OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT is set).", ""]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else str(field.default).lower() if isinstance(field.default, bool) \
+            else str(field.default)
+        names = ", ".join(_env_names(name, field))
+        lines.append(f"  {names:<28} default {default}" + (f"  ({field.description})" if field.description else ""))
+    return "\n".join(lines)
+
+
+def check_port(host: str, port: int) -> None:
+    """Exit with one line, before any process starts, when HOST:PORT cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise SystemExit(port_problem(host, port, exc)) from None
+
+
+def port_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        advice = "another process is listening there: stop it, or set PORT to a free port"
+    elif exc.errno == errno.EACCES:
+        advice = "ports below 1024 need root: set PORT to 1024 or above (8000 by default)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        advice = "this machine has no such address: set HOST to 0.0.0.0, 127.0.0.1 or one of its addresses"
+    else:
+        advice = "set HOST and PORT to an address and port this machine can listen on"
+    return f"PORT={port} (HOST={host}): cannot listen there ({exc.strerror or exc}): {advice}"
+
+
+def check_device(settings: Settings) -> None:
+    """DEVICE=cuda[:N] on a machine without a visible GPU: say so in one line, whatever the model."""
+    if not settings.device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"DEVICE={settings.device}: no CUDA GPU is visible on this machine: run where one is, or "
+                         "set DEVICE=cpu for the tiny checkpoint (python -m model.tiny DIR) or ENABLE_MOCK_INFERENCE=1")
+    if ":" in settings.device and int(settings.device.split(":")[1]) >= torch.cuda.device_count():
+        raise SystemExit(f"DEVICE={settings.device}: this machine has {torch.cuda.device_count()} visible GPU(s), "
+                         f"numbered from 0: set DEVICE=cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or cuda")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        if args[0] in ("-h", "--help"):
+            print(settings_help())
+            return
+        raise SystemExit(f"python server.py takes no arguments (got {' '.join(args)}): every setting is an "
+                         "environment variable; python server.py --help lists them")
     settings = read_settings()
     configure_logging(settings.log_level, settings.log_format)
+    check_port(settings.host, settings.port)
     metrics.clear_stale_files()
     if not settings.enable_mock_inference:
         from model.loader import check_can_run, check_model_source
 
+        check_device(settings)
         check_can_run(settings.model_id, settings.device)
         check_model_source(settings.model_id, settings.model_revision)
     quantization = settings.model_quantization()
@@ -284,6 +379,7 @@ def main() -> None:
                 "max_prefill_tokens=%d)", settings.model_id, quantization,
                 ", ".join(f"'{n}'" for n in settings.served_model_names(quantization)), settings.enable_mock_inference,
                 settings.max_batch_size, settings.max_model_len, settings.max_prefill_tokens)
+    logger.info("API key: %s", settings.auth_summary())
     shared = SharedState(settings.max_queued_requests)
     server = build_server(settings, shared)
     install_drain(shared, settings.shutdown_grace_period)
@@ -293,6 +389,8 @@ def main() -> None:
                **uvicorn_options(settings.request_read_timeout, settings.max_connections))
     if shared.worker_dead:
         sys.exit(WORKER_DIED_EXIT_CODE)
+    if exit_code():
+        sys.exit(exit_code())  # a second signal cut requests off
 
 
 if __name__ == "__main__":

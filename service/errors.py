@@ -30,6 +30,12 @@ _TYPES = {
 }
 
 
+def shown(value: object, limit: int = 100) -> str:
+    """A client's value as an error message may quote it: at most `limit` characters, then an ellipsis."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ImageError(ValueError):
     """An image that cannot be used; the message is safe to show to the client (400 invalid_image)."""
 

@@ -12,7 +12,10 @@ import re
 import time
 import uuid
 
-from service import metrics
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from service import metrics, tracing
 from service.routes import OPEN_PATHS
 
 access_log = logging.getLogger("caption.access")
@@ -36,6 +39,18 @@ class RequestContextMiddleware:
         state["log_fields"] = {}
         start = time.perf_counter()
         status = 500
+        span = None
+        token = None
+        if scope["path"] not in OPEN_PATHS and tracing.enabled():  # probes and scrapes are not traced
+            span = tracing.tracer().start_span(
+                f"{scope['method']} {scope['path']}", context=tracing.incoming_context(headers),
+                kind=trace.SpanKind.SERVER,
+                attributes={"http.request.method": scope["method"], "url.path": scope["path"],
+                            "caption.request_id": request_id})
+            token = otel_context.attach(trace.set_span_in_context(span))
+            trace_id = tracing.trace_id_of(span)
+            if trace_id:
+                state["log_fields"]["trace_id"] = trace_id
 
         async def send_with_id(message):
             nonlocal status
@@ -50,6 +65,16 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             route = _route_label(scope)
+            if span is not None:
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                for key in ("images", "tiles", "prompt_tokens", "completion_tokens", "finish_reason"):
+                    if key in state["log_fields"]:
+                        span.set_attribute(f"caption.{key}", state["log_fields"][key])
+                if status >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR))
+                span.end()
+                otel_context.detach(token)
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.LATENCY.labels(route).observe(elapsed)
             if route not in OPEN_PATHS:  # probes and scrapes would drown the log
@@ -105,6 +130,28 @@ def configure_logging(level: str, fmt: str) -> None:
     library = logging.getLogger("litserve")
     library.handlers.clear()
     library.propagate = True
+    quiet_library_advice()
+
+
+class _DropMambaAdvice(logging.Filter):
+    """transformers advises installing mamba-ssm / causal-conv1d when its Mamba functions run in PyTorch. The
+    service does not follow it (the Dockerfile says why) and the model logs its own `kernels: ...` line saying
+    which kernels run, so the advice is dropped; every other line of that logger stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("falling back to its reference PyTorch implementation" in message
+                    and ("mamba" in message or "causal-conv1d" in message))
+
+
+_MAMBA_ADVICE = _DropMambaAdvice()
+
+
+def quiet_library_advice() -> None:
+    for name in ("transformers.integrations.hub_kernels", "transformers.models.nemotron_h.modeling_nemotron_h"):
+        logger = logging.getLogger(name)
+        if _MAMBA_ADVICE not in logger.filters:
+            logger.addFilter(_MAMBA_ADVICE)
 
 
 def one_line(exc: BaseException) -> str:

@@ -21,13 +21,15 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from litserve.specs.openai import OpenAISpec
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from pydantic import ValidationError
 
 from engine.request import EngineRequest, RequestOutput
-from service import metrics
+from service import metrics, tracing
 from service.answers import collect, respond, sse
 from service.cache import CaptionCache
-from service.errors import APIError, from_worker
+from service.errors import APIError, from_worker, shown
 from service.jobs import JobLimits, PromptCheck, QueuedJob, build_job
 from service.protocol import ChatCompletionRequest
 from service.routes import OperationalRoutes, ServiceInfo
@@ -84,7 +86,7 @@ class CaptionSpec(OpenAISpec):
         request = await asyncio.to_thread(_parse_request, await raw_request.body())
         if request.model and request.model not in self.info.model_names:
             names = "', '".join(self.info.model_names)
-            raise APIError(404, f"The model '{request.model}' does not exist; this server serves '{names}'.",
+            raise APIError(404, f"The model '{shown(request.model)}' does not exist; this server serves '{names}'.",
                            param="model", code="model_not_found")
         if not self.is_ready():
             metrics.REJECTED.labels("not_ready").inc()
@@ -132,7 +134,18 @@ class CaptionSpec(OpenAISpec):
                              "retry shortly.", code="queue_full", headers={"Retry-After": "1"})
 
     def _prepare(self, request: ChatCompletionRequest, request_id: str) -> tuple[EngineRequest, str | None]:
-        job = build_job(request, self.limits, request_id)
+        # Runs in a thread that carries the request's context, so the span is the request span's child.
+        # No exception event: its message or traceback could quote the request; the status says which error.
+        with tracing.tracer().start_as_current_span("images.decode_and_tile", record_exception=False,
+                                                    set_status_on_exception=False) as span:
+            try:
+                job = build_job(request, self.limits, request_id)
+            except Exception as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(getattr(exc, "code", None)
+                                                                         or type(exc).__name__)))
+                raise
+            span.set_attributes({"caption.images": len(job.images), "caption.tiles": job.tiles,
+                                 "caption.image_pixels": sum(i.width * i.height for i in job.images)})
         if self.prompt_check is not None:
             self.prompt_check(job)
         return job, self.cache.key_for(job)
@@ -143,6 +156,10 @@ class CaptionSpec(OpenAISpec):
         metrics.QUEUE_DEPTH.inc()
         started = finished = False
         admitted_at = checked_at = time.monotonic()
+        # The engine's part, as this process sees it: submitted -> first output (a slot, then prefill), then
+        # first -> last output (decoding). Children of the request span.
+        spans = _EngineSpans(job.request, otel_context.get_current())
+        failure: BaseException | None = None
         try:
             with self.link.submit(job) as mailbox:
                 while True:
@@ -166,6 +183,7 @@ class CaptionSpec(OpenAISpec):
                             started = True
                             metrics.QUEUE_DEPTH.dec()
                             metrics.TTFT.observe(time.monotonic() - admitted_at)
+                            spans.first_output(event)
                         if event.error is not None:
                             finished = True
                             raise APIError(event.error.status, event.error.message, code=event.error.code)
@@ -174,8 +192,13 @@ class CaptionSpec(OpenAISpec):
                             log_fields.update(prompt_tokens=event.prompt_tokens,
                                               completion_tokens=event.completion_tokens,
                                               finish_reason=event.finish_reason)
+                            spans.finished(event)
                         yield event
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
+            spans.end(failure if failure is not None or finished else ClientGone())
             if not finished:
                 self.shared.cancel(job.job_id)  # free the worker from a request nobody will read
             if not started:
@@ -184,6 +207,9 @@ class CaptionSpec(OpenAISpec):
             self.shared.release()
 
     async def _check_waiting(self, job: QueuedJob, raw_request: Request) -> None:
+        if self.shared.aborting:
+            raise APIError(503, "The service is stopping now (a second stop signal); retry the request.",
+                           code="service_unavailable", headers={"Retry-After": "5"})
         if self.shared.worker_dead:
             raise APIError(503, "The inference worker died; the service is restarting. Retry the request.",
                            code="worker_unavailable", headers={"Retry-After": "5"})
@@ -195,6 +221,39 @@ class CaptionSpec(OpenAISpec):
         if job.overdue():
             raise APIError(504, f"The request did not finish within REQUEST_TIMEOUT={self.info.request_timeout:g}s.",
                            code="timeout")
+
+
+class _EngineSpans:
+    """`engine.queue_and_prefill` and `engine.decode` of one request (no-ops when tracing is off)."""
+
+    def __init__(self, request: EngineRequest, parent):
+        self.parent = parent
+        self.waiting = tracing.tracer().start_span("engine.queue_and_prefill", context=parent, attributes={
+            "caption.images": len(request.images), "caption.tiles": request.tiles,
+            "caption.max_tokens": request.params.max_tokens, "caption.priority": request.priority})
+        self.decoding = None
+
+    def first_output(self, event: RequestOutput) -> None:
+        self.waiting.set_attribute("caption.prompt_tokens", event.prompt_tokens)
+        self.waiting.end()
+        self.waiting = None
+        self.decoding = tracing.tracer().start_span("engine.decode", context=self.parent)
+
+    def finished(self, event: RequestOutput) -> None:
+        if self.decoding is not None:
+            self.decoding.set_attributes({"caption.prompt_tokens": event.prompt_tokens,
+                                          "caption.completion_tokens": event.completion_tokens,
+                                          "caption.finish_reason": event.finish_reason})
+
+    def end(self, error: BaseException | None) -> None:
+        for span in (self.waiting, self.decoding):
+            if span is None or not span.is_recording():
+                continue
+            if error is not None:  # the kind of failure only: a message could quote the request
+                gone = isinstance(error, (ClientGone, GeneratorExit, asyncio.CancelledError))
+                code = "client_gone" if gone else getattr(error, "code", None) or type(error).__name__
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(code)))
+            span.end()
 
 
 def _parse_request(body: bytes) -> ChatCompletionRequest:

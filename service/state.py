@@ -23,6 +23,7 @@ class SharedState:
         self._in_flight = _ctx.Value("i", 0)
         self._worker_dead = _ctx.RawValue("b", 0)
         self._draining = _ctx.RawValue("b", 0)
+        self._aborting = _ctx.RawValue("b", 0)
         # Ring of cancelled job ids: API servers write, workers read once per decoding step.
         self._cancelled = _ctx.RawArray("q", CANCEL_SLOTS)
         self._cancel_next = _ctx.Value("q", 0)
@@ -65,6 +66,14 @@ class SharedState:
 
     def start_draining(self) -> None:
         self._draining.value = 1
+
+    @property
+    def aborting(self) -> bool:
+        """A second SIGTERM or Ctrl+C: requests in flight are cut off with 503 now."""
+        return bool(self._aborting.value)
+
+    def abort_in_flight(self) -> None:
+        self._aborting.value = 1
 
     @property
     def workers_should_stop(self) -> bool:

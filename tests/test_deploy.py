@@ -104,10 +104,10 @@ def settings_env_names() -> set[str]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if node.target.id == "model_config":
                 continue
-            names.add(node.target.id.upper())
-            for sub in ast.walk(node):
-                if isinstance(sub, ast.Call) and getattr(sub.func, "id", "") == "AliasChoices":
-                    names.update(a.value for a in sub.args if isinstance(a, ast.Constant))
+            aliases = [a.value for sub in ast.walk(node)
+                       if isinstance(sub, ast.Call) and getattr(sub.func, "id", "") == "AliasChoices"
+                       for a in sub.args if isinstance(a, ast.Constant)]
+            names.update(aliases or [node.target.id.upper()])  # an aliased field reads its aliases only
     return names
 
 
@@ -116,7 +116,10 @@ def settings_default(field: str):
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings"]
     for node in cls.body:
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == field:
-            return ast.literal_eval(node.value)
+            value = node.value
+            if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Field":
+                value = value.args[0]  # Field(default, ...)
+            return ast.literal_eval(value)
     raise AssertionError(f"Settings has no field {field}")
 
 
@@ -127,8 +130,13 @@ def _seconds(duration: str) -> int:
     return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
-# Variables read by libraries rather than by Settings.
-LIBRARY_ENV = {"HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE"}
+# Variables read by libraries rather than by Settings: the hub's, and OpenTelemetry's standard ones.
+LIBRARY_ENV = {"HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
+               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_SERVICE_NAME",
+               "OTEL_RESOURCE_ATTRIBUTES", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+# Users and groups the supported base images already hold (ubuntu:24.04, hence nvidia/cuda:*-ubuntu24.04:
+# user and group `ubuntu`, uid and gid 1000). Creating one of these ids again fails the build.
+BASE_IMAGE_IDS = {"ubuntu24.04": {"uid": {1000}, "gid": {1000}}}
 
 
 # ---------------------------------------------------------------- linters
@@ -211,6 +219,30 @@ def _local_imports(py_file: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
     return {n for n in names if (ROOT / n).is_dir() or (ROOT / f"{n}.py").is_file()}
+
+
+def test_dockerfile_never_creates_an_id_the_base_image_holds():
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+    held = next((ids for tag, ids in BASE_IMAGE_IDS.items() if tag in base), None)
+    assert held is not None, f"add the users and groups of {base} to BASE_IMAGE_IDS"
+    for run in instr("RUN"):
+        for tool, flag, kind, lookup in (("groupadd", "--gid", "gid", "group"), ("useradd", "--uid", "uid", "passwd")):
+            for match in re.finditer(rf"{tool}\b[^&;|}}]*?{flag}[ =](\d+)", run):
+                number = int(match.group(1))
+                if number not in held[kind]:
+                    continue
+                # Allowed only when it runs just where the id is missing: `getent <db> N >/dev/null || <tool> ...`.
+                guard = re.search(rf"getent {lookup} {number}\b[^|&;]*\|\|\s*$", run[:match.start()])
+                assert guard, (f"{tool} {flag} {number}: {base} already has {kind} {number} (user `ubuntu`); "
+                               f"reuse it or guard the command with `getent {lookup} {number} ||`")
+
+
+def test_compose_passes_every_setting_through():
+    names = {str(e).split("=", 1)[0] for e in compose_vlm()["environment"]}
+    missing = settings_env_names() - names
+    assert not missing, f"docker-compose.yml does not pass {sorted(missing)} into the container"
+    otel = {n for n in LIBRARY_ENV if n.startswith("OTEL_")}
+    assert otel <= names, sorted(otel - names)
 
 
 def test_dockerfile_copies_every_local_module_the_service_imports():

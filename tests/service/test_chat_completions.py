@@ -163,6 +163,12 @@ def test_unknown_model_is_404_and_empty_model_accepted(mock_service, auth_header
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
     assert response.json()["error"]["param"] == "model"
+    # A huge `model` (a data URL pasted in the wrong field) is quoted only in part.
+    huge = "data:image/png;base64," + "A" * 28_000
+    response = post(mock_service, nv_ingest_body(URL_RED, model=huge), auth_headers)
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert huge[:100] + "..." in message and len(message) < 300, len(message)
     empty = message_of(mock_service, nv_ingest_body(URL_RED, model=""), auth_headers)
     assert empty["choices"][0]["message"]["content"] == RED_CAPTION
     assert empty["model"] == MODEL_NAME
