@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from model.official import OFFICIAL_CONFIG
-from model.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+from model.tiny import SPECIAL_TOKENS, as_checkpoint_tokenizer
 
 SPACE = "\u0120"  # byte-level BPE's symbol for " "
 
@@ -54,15 +54,8 @@ def build_full_tokenizer(vocab_size: int = OFFICIAL_CONFIG["llm_config"]["vocab_
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="<SPECIAL_12>",
-        unk_token="<unk>",
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<unk>", "<s>", "<SPECIAL_12>")],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    assert fast.convert_tokens_to_ids("<SPECIAL_12>") == 12 and len(fast) == vocab_size
+    fast = as_checkpoint_tokenizer(tokenizer)
+    assert len(fast) == vocab_size
     return fast
 
 

@@ -39,9 +39,9 @@ from engine.request import EngineRequest, ImagePart, Message, SamplingParams, Te
 from model.config import translate_config
 from model.engine import random_image
 from model.loader import build_random_model
-from model.official import HYBRID_PATTERN, OFFICIAL_CONFIG
+from model.official import HYBRID_PATTERN
 from model.runner import NemotronRunner
-from model.tiny import build_tokenizer
+from model.tiny import build_tokenizer, tiny_official_config
 
 # ATen ops that launch nothing on a GPU (allocation, aliasing, metadata).
 NO_KERNEL = frozenset({
@@ -56,34 +56,10 @@ JOIN_BUDGET = 4096
 
 
 def small_config(vocab_size: int, img_context_token_id: int) -> dict:
-    """The official config.json at full depth with small widths."""
-    official = OFFICIAL_CONFIG
-    return {
-        **official,
-        "projector_hidden_size": 256,
-        "vit_hidden_size": 32,
-        "img_context_token_id": img_context_token_id,
-        "llm_config": {
-            **official["llm_config"],
-            "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": len(HYBRID_PATTERN),
-            "hybrid_override_pattern": HYBRID_PATTERN,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "mamba_num_heads": 8,
-            "mamba_head_dim": 16,
-            "ssm_state_size": 16,
-            "n_groups": 2,
-            # The scan's op count does not depend on the chunk size (no loop over chunks); a smaller chunk makes
-            # the 64 short prompts that precede the batch-64 count cheap on a CPU.
-            "chunk_size": 32,
-        },
-        "vision_config": {**official["vision_config"],
-                          "args": {**official["vision_config"]["args"], "embed_dim": 32, "num_heads": 2}},
-    }
+    """The official config.json at full depth (62 layers, 32 ViT layers) with small widths. The scan's op
+    count does not depend on the chunk size (no loop over chunks); a smaller chunk makes the 64 short
+    prompts that precede the batch-64 count cheap on a CPU."""
+    return tiny_official_config(vocab_size, img_context_token_id, HYBRID_PATTERN, vit_depth=None, chunk_size=32)
 
 
 class OpCounter(TorchDispatchMode):

@@ -93,6 +93,12 @@ def build_tokenizer(vocab_size: int = 640) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    return as_checkpoint_tokenizer(tokenizer)
+
+
+def as_checkpoint_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with the official special tokens, as the checkpoint's tokenizer presents it:
+    BOS `<s>`, EOS `<SPECIAL_12>` (id 12), the official chat template."""
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
@@ -118,9 +124,16 @@ def unprintable_ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -> list
     return bad
 
 
-def tiny_official_config(vocab_size: int, img_context_token_id: int) -> dict:
-    """The official config.json (model/official.py) with tiny sizes: every other key as the 12B has it."""
+def tiny_official_config(vocab_size: int, img_context_token_id: int, pattern: str = "M-M*M-",
+                         vit_depth: int | None = 2, chunk_size: int = 16) -> dict:
+    """The official config.json (model/official.py) with tiny widths: every other key as the 12B has it.
+
+    The depth is the tiny checkpoint's unless asked for: `pattern` is the hybrid layer pattern (the 12B's
+    gives its 62 layers), `vit_depth` the ViT's layers (None: the 12B's 32)."""
     official = OFFICIAL_CONFIG
+    vit_args = {**official["vision_config"]["args"], "embed_dim": 32, "num_heads": 2}
+    if vit_depth is not None:
+        vit_args["depth"] = vit_depth
     return {
         **official,
         "projector_hidden_size": 256,
@@ -131,8 +144,8 @@ def tiny_official_config(vocab_size: int, img_context_token_id: int) -> dict:
             "vocab_size": vocab_size,
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_hidden_layers": 6,
-            "hybrid_override_pattern": "M-M*M-",
+            "num_hidden_layers": len(pattern),
+            "hybrid_override_pattern": pattern,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "head_dim": 16,
@@ -140,13 +153,11 @@ def tiny_official_config(vocab_size: int, img_context_token_id: int) -> dict:
             "mamba_head_dim": 16,
             "ssm_state_size": 16,
             "n_groups": 2,
-            "chunk_size": 16,
+            "chunk_size": chunk_size,
         },
         # timm kwargs override the named geometry (the official file names vit_huge_patch16_224 only):
-        # a 2-layer, 32-wide ViT.
-        "vision_config": {**official["vision_config"],
-                          "args": {**official["vision_config"]["args"], "embed_dim": 32, "depth": 2,
-                                   "num_heads": 2}},
+        # a 32-wide ViT.
+        "vision_config": {**official["vision_config"], "args": vit_args},
     }
 
 
