@@ -51,6 +51,7 @@ def test_every_model_setting_reaches_the_engine_that_the_worker_loads(monkeypatc
     from service.state import SharedState
 
     env = {"MODEL_ID": str(tiny_path), "ENABLE_MOCK_INFERENCE": "0", "DEVICE": "auto", "DTYPE": "float16",
+           "QUANTIZATION": "fp8",
            "SSM_STATE_DTYPE": "bfloat16", "ENFORCE_EAGER": "1", "MAX_BATCH_SIZE": "7", "MAX_MODEL_LEN": "9000",
            "MAX_PREFILL_TOKENS": "333", "MAX_NUM_TILES": "5", "GPU_MEMORY_UTILIZATION": "0.55"}
     for name, value in env.items():
@@ -62,4 +63,4 @@ def test_every_model_setting_reaches_the_engine_that_the_worker_loads(monkeypatc
     assert {k: v for k, v in asked.items() if k != "args"} == {
         "device": "cuda:3", "dtype": "float16", "ssm_dtype": "bfloat16", "enforce_eager": True, "max_running": 7,
         "max_seq_len": 9000, "max_prefill_tokens": 333, "max_num_tiles": 5, "memory_fraction": 0.55,
-        "load_format": "safetensors"}
+        "load_format": "safetensors", "quantization": "fp8"}

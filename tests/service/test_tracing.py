@@ -5,6 +5,7 @@ OTEL_TRACES_EXPORTER=console."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
@@ -99,7 +100,13 @@ def test_console_exporter_writes_the_callers_trace_to_the_log(tmp_path):
         response = requests.post(service.chat_url, json=nv_ingest_body(IMAGE_URL), timeout=30,
                                  headers={"traceparent": TRACEPARENT})
         assert response.status_code == 200
-        lines = service.log_path.read_text().splitlines()
+        deadline = time.monotonic() + 10  # the access line is written once the response has gone out
+        while True:
+            lines = service.log_path.read_text().splitlines()
+            if any("caption.access: POST /v1/chat/completions 200" in line for line in lines) or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         stop_later(service)
     spans = [json.loads(line.split(" caption.trace: span ", 1)[1]) for line in lines if " caption.trace: span " in line]
