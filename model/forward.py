@@ -148,16 +148,10 @@ class SlotForward:
     def _mamba_chunk(self, mixer, layer: int, batch: _Chunks, x: torch.Tensor) -> torch.Tensor:
         rows, width = x.shape[:2]
         gate, xbc, dt = self._split(mixer, mixer.in_proj(x))
-        conv_state = self.pool.conv[layer]
-        keep = conv_state.shape[-1]
-        # The convolution sees each slot's last inputs before this chunk (zeros at the start); the
-        # slot keeps the last `keep` real inputs, which end at a different column in each row.
-        history = torch.cat([conv_state[batch.index].to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)
-        columns = (batch.lengths[:, None] + torch.arange(keep, device=x.device)[None, :])[:, None, :]
-        conv_state[batch.index] = history.gather(2, columns.expand(rows, history.shape[1], keep)).to(conv_state.dtype)
-        weight = mixer.conv1d.weight.squeeze(1)
-        xbc = F.silu(F.conv1d(history.to(weight.dtype), weight.unsqueeze(1), mixer.conv1d.bias,
-                              groups=mixer.conv_dim)).transpose(1, 2).to(x.dtype)
+        # The convolution sees each slot's last inputs before this chunk (zeros at the start), and the slot
+        # keeps the last real inputs of the chunk.
+        xbc = kernels.conv_prefill(xbc, self.pool.conv[layer], mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                                   batch.index, batch.lengths)
         groups, state = mixer.n_groups, mixer.ssm_state_size
         hs, b, c = xbc.split([mixer.intermediate_size, groups * state, groups * state], dim=-1)
         ssm = self.ssm[layer]

@@ -12,6 +12,7 @@ import torch
 
 from model.kernels import backend
 from model.kernels.attention import decode_attention_torch, decode_attention_triton
+from model.kernels.causal_conv import conv_prefill_torch, conv_prefill_triton
 from model.kernels.chunk_scan import chunk_scan_torch, chunk_scan_triton
 from model.kernels.decode import conv_update_torch, conv_update_triton, ssm_update_torch, ssm_update_triton
 from model.kernels.norms import add_rms_norm_torch, add_rms_norm_triton, gated_rms_norm_torch, gated_rms_norm_triton
@@ -44,14 +45,20 @@ def _cases(device: torch.device, dtype: torch.dtype) -> None:
     ys = [f(x, dt, A, B, C, D, bias, p, slots, lengths) for f, p in zip((chunk_scan_triton, chunk_scan_torch), pools)]
     _close(ys[0], ys[1], "chunk_scan (y)")
     _close(pools[0], pools[1], "chunk_scan (state)")
+    # Prefill convolution.
+    channels = _H * _P + 2 * _G * _N
+    conv = rand(_SLOTS, channels, _K - 1)
+    convs = conv.clone(), conv.clone()
+    xbc, weight, cbias = rand(_ROWS, _WIDTH, channels), rand(channels, _K), rand(channels)
+    ys = [f(xbc, c, weight, cbias, slots, lengths) for f, c in zip((conv_prefill_triton, conv_prefill_torch), convs)]
+    _close(ys[0], ys[1], "conv_prefill (y)")
+    _close(convs[0], convs[1], "conv_prefill (state)")
     # Decode step.
     pools = pool.clone(), pool.clone()
     args = (rand(_ROWS, _H, _P), rand(_ROWS, _H), A, rand(_ROWS, _G, _N), rand(_ROWS, _G, _N), D, bias)
     ys = [f(*args, p, slots) for f, p in zip((ssm_update_triton, ssm_update_torch), pools)]
     _close(ys[0], ys[1], "ssm_update (y)")
     _close(pools[0], pools[1], "ssm_update (state)")
-    channels = _H * _P + 2 * _G * _N
-    conv = rand(_SLOTS, channels, _K - 1)
     convs = conv.clone(), conv.clone()
     args = (rand(_ROWS, channels), None, rand(channels, _K), rand(channels))
     ys = [f(args[0], c, args[2], args[3], slots) for f, c in zip((conv_update_triton, conv_update_torch), convs)]
@@ -84,4 +91,4 @@ def check_kernels(device: torch.device, dtype: torch.dtype) -> str:
         backend.switch_off(f"{type(exc).__name__}: {exc}")
         return (f"kernels: PyTorch; the Triton kernels failed their start-up check and are off for this process "
                 f"({type(exc).__name__}: {str(exc)[:300]})")
-    return "kernels: Triton (prefill scan, decode step and attention, fused norms) checked against PyTorch at start"
+    return "kernels: Triton (prefill convolution and scan, decode step and attention, fused norms) checked against PyTorch at start"
