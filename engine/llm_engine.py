@@ -119,6 +119,7 @@ class LLMEngine:
         for seq, token in zip(rows, tokens):
             out = seq.accept(token)
             if out is not None:
+                out.step_rows = len(rows)
                 outputs.append(out)
             if seq.done:
                 self._finish(seq)

@@ -131,6 +131,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: EngineError | None = None
+    step_rows: int = 0  # the rows sampled together in the step that made this output (its decoding batch)
 
     @property
     def finished(self) -> bool:

@@ -184,6 +184,7 @@ class CaptionSpec(OpenAISpec):
                             metrics.QUEUE_DEPTH.dec()
                             metrics.TTFT.observe(time.monotonic() - admitted_at)
                             spans.first_output(event)
+                        spans.output(event)
                         if event.error is not None:
                             finished = True
                             raise APIError(event.error.status, event.error.message, code=event.error.code)
@@ -232,6 +233,7 @@ class _EngineSpans:
             "caption.images": len(request.images), "caption.tiles": request.tiles,
             "caption.max_tokens": request.params.max_tokens, "caption.priority": request.priority})
         self.decoding = None
+        self.batches: list[int] = []  # the decoding batch of each output
 
     def first_output(self, event: RequestOutput) -> None:
         self.waiting.set_attribute("caption.prompt_tokens", event.prompt_tokens)
@@ -239,11 +241,20 @@ class _EngineSpans:
         self.waiting = None
         self.decoding = tracing.tracer().start_span("engine.decode", context=self.parent)
 
+    def output(self, event: RequestOutput) -> None:
+        if event.step_rows:
+            self.batches.append(event.step_rows)
+
     def finished(self, event: RequestOutput) -> None:
         if self.decoding is not None:
             self.decoding.set_attributes({"caption.prompt_tokens": event.prompt_tokens,
                                           "caption.completion_tokens": event.completion_tokens,
                                           "caption.finish_reason": event.finish_reason})
+            if self.batches:  # the batch it decoded in: rows sampled together per step, over its steps
+                self.decoding.set_attributes({"caption.decode_batch_min": min(self.batches),
+                                              "caption.decode_batch_max": max(self.batches),
+                                              "caption.decode_batch_mean": round(sum(self.batches) / len(self.batches),
+                                                                                 2)})
 
     def end(self, error: BaseException | None) -> None:
         for span in (self.waiting, self.decoding):

@@ -235,3 +235,14 @@ def test_one_step_never_prefills_more_than_the_budget_with_a_continuing_and_a_ne
         per_step.append(engine.stats.prefill_tokens)
     assert per_step[:2] == [100, 50], per_step  # a's last 50 and b's first 50, then b's last 50
     assert max(per_step) <= 100 and sum(per_step) == 150
+
+
+def test_each_output_says_how_many_rows_were_sampled_in_its_step():
+    """The batch a token was decoded in: three requests together, then the two left after the short one."""
+    engine = LLMEngine(MockRunner(4, 4096), 4, 2048)
+    for name, tokens in (("a", 3), ("b", 6), ("c", 6)):
+        engine.add_request(request(name, max_tokens=tokens, ignore_eos=True, words=4))
+    outputs, _ = drain(engine)
+    rows = {name: [out.step_rows for out in outs] for name, outs in outputs.items()}
+    assert set(rows["a"]) == {3}
+    assert rows["b"][0] == 3 and rows["b"][-1] == 2 and set(rows["b"]) == {3, 2}

@@ -67,6 +67,9 @@ def test_a_request_continues_the_callers_trace_with_our_spans(spans):
     assert finished["images.decode_and_tile"].attributes["caption.tiles"] == 13  # 4x3 grid + thumbnail
     decode = finished["engine.decode"].attributes
     assert decode["caption.prompt_tokens"] == 7 + 13 * 256 and decode["caption.completion_tokens"] == 16
+    # The batch it decoded in: alone, one row in every step.
+    assert (decode["caption.decode_batch_min"], decode["caption.decode_batch_max"],
+            decode["caption.decode_batch_mean"]) == (1, 1, 1.0)
     assert finished["engine.queue_and_prefill"].attributes["caption.prompt_tokens"] == 7 + 13 * 256
     assert server.attributes["http.response.status_code"] == 200 and server.attributes["caption.images"] == 1
     # Nothing of the request's content: no image data, no prompt text.
