@@ -100,3 +100,17 @@ def test_tiny_run_writes_every_figure(tmp_path):
     assert "| decode ms/step, batch 1, 1-tile context, greedy |" in (tmp_path / "results.md").read_text()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert set(files) <= {"results.json", "results.md", "extra.json", "server.log", "steps.jsonl", "log.txt"}
+
+
+def test_the_tiny_run_says_what_it_ran_and_is_scored_against_nothing(tmp_path):
+    run = gpu.Run(tmp_path, "cpu (tiny random checkpoint)", "abc1234", tiny=True)
+    run.set_card(1e9, 1e9)
+    run.results["decode_ms_per_token"] = {"1": 2.0}
+    run.results["decode_ms"] = {"1_tile_greedy": {"1": 2.0}}
+    run.results["captions_per_s"] = {"1tile_128tok_c64": 0.9}
+    run.save()
+    md = (tmp_path / "results.md").read_text()
+    assert "tiny random checkpoint (float32) on the CPU" in md and "2 clients and 8-token captions" in md
+    assert "full-size architecture" not in md and "Roofline:" not in md
+    assert "| decode ms/step, batch 1, 1-tile context, greedy | 2.0 | None | n/a |" in md
+    assert "| captions/s, 1tile_128tok_c64 (HTTP) | 0.9 | None | n/a |" in md
