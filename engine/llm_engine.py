@@ -116,10 +116,14 @@ class LLMEngine:
                     self._fail(seq, exc, outputs)
         tokens = self.sampler(torch.cat(logits), rows) if rows else []
         model_done = time.perf_counter()
+        sampled_at = time.monotonic()
         for seq, token in zip(rows, tokens):
+            if seq.prefill_started is not None:  # its first token: the end of its prefill
+                seq.prefill_s, seq.prefill_started = sampled_at - seq.prefill_started, None
             out = seq.accept(token)
             if out is not None:
                 out.step_rows = len(rows)
+                out.prefill_s, seq.prefill_s = seq.prefill_s, None
                 outputs.append(out)
             if seq.done:
                 self._finish(seq)
@@ -134,6 +138,9 @@ class LLMEngine:
         """Encode the new images together, then prefill every chunk in one pass; a failure (out of
         memory, say) costs only the requests it must: never a sequence that is already decoding."""
         starting = [seq for seq, chunk in work if chunk.start == 0]
+        now = time.monotonic()
+        for seq in starting:
+            seq.prefill_started = now
         if starting:
             try:
                 self.runner.encode_images([seq.prompt for seq in starting])

@@ -132,6 +132,7 @@ class RequestOutput:
     completion_tokens: int = 0
     error: EngineError | None = None
     step_rows: int = 0  # the rows sampled together in the step that made this output (its decoding batch)
+    prefill_s: float | None = None  # on a request's first output: seconds from its prefill's start to its first token
 
     @property
     def finished(self) -> bool:

@@ -30,6 +30,8 @@ class Sequence:
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.generator = None  # the sampler's per-sequence RNG, made on first use when a seed is given
+        self.prefill_started: float | None = None  # time.monotonic() when its first prefill step began
+        self.prefill_s: float | None = None  # its first token's time since then, until an output carries it
         self._stops = {s: StopMatcher(list(params.stop)) for s in STREAMS}
         self._pending = {s: "" for s in STREAMS}
 

@@ -225,21 +225,32 @@ class CaptionSpec(OpenAISpec):
 
 
 class _EngineSpans:
-    """`engine.queue_and_prefill` and `engine.decode` of one request (no-ops when tracing is off)."""
+    """`engine.queue`, `engine.prefill` and `engine.decode` of one request (no-ops when tracing is off).
+
+    The engine runs in another process: the queue span starts when the request is queued here, and the
+    first output carries how long its prefill took (`prefill_s`, from the prefill's start to the first
+    token), which splits the time before the first output into the wait for a slot and the prefill."""
 
     def __init__(self, request: EngineRequest, parent):
         self.parent = parent
-        self.waiting = tracing.tracer().start_span("engine.queue_and_prefill", context=parent, attributes={
+        self.waiting = tracing.tracer().start_span("engine.queue", context=parent, attributes={
             "caption.images": len(request.images), "caption.tiles": request.tiles,
             "caption.max_tokens": request.params.max_tokens, "caption.priority": request.priority})
         self.decoding = None
         self.batches: list[int] = []  # the decoding batch of each output
 
     def first_output(self, event: RequestOutput) -> None:
-        self.waiting.set_attribute("caption.prompt_tokens", event.prompt_tokens)
-        self.waiting.end()
+        now = time.time_ns()
+        prefill_ns = max(0, int((event.prefill_s or 0.0) * 1e9))
+        prefill_start = now - prefill_ns
+        if self.waiting.is_recording():
+            prefill_start = max(prefill_start, self.waiting.start_time or prefill_start)
+        self.waiting.end(end_time=prefill_start)
         self.waiting = None
-        self.decoding = tracing.tracer().start_span("engine.decode", context=self.parent)
+        prefill = tracing.tracer().start_span("engine.prefill", context=self.parent, start_time=prefill_start,
+                                              attributes={"caption.prompt_tokens": event.prompt_tokens})
+        prefill.end(end_time=now)
+        self.decoding = tracing.tracer().start_span("engine.decode", context=self.parent, start_time=now)
 
     def output(self, event: RequestOutput) -> None:
         if event.step_rows:

@@ -11,8 +11,10 @@ A request continues the caller's W3C `traceparent` (and `tracestate`); one that 
 starts a new trace. Spans hold counts, sizes, timings and ids only: never image data, prompt text or a key.
 
 The engine runs in another process and reports only its outputs, so the engine's part of a request is
-recorded here from what the API server sees of it: `engine.queue_and_prefill` from submission to the
-first output (waiting for a slot, then prefill) and `engine.decode` from the first output to the last.
+recorded here from what the API server sees of it and what the outputs carry: `engine.queue` from
+submission to the start of its prefill and `engine.prefill` from there to the first output (the first
+output says how long its prefill took), then `engine.decode` from the first output to the last (with the
+rows each of its outputs was decoded with).
 """
 
 from __future__ import annotations

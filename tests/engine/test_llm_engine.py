@@ -246,3 +246,12 @@ def test_each_output_says_how_many_rows_were_sampled_in_its_step():
     rows = {name: [out.step_rows for out in outs] for name, outs in outputs.items()}
     assert set(rows["a"]) == {3}
     assert rows["b"][0] == 3 and rows["b"][-1] == 2 and set(rows["b"]) == {3, 2}
+
+
+def test_the_first_output_alone_says_how_long_its_prefill_took():
+    engine = LLMEngine(MockRunner(2, 4096), 2, 2048)
+    engine.add_request(request("a", max_tokens=5, ignore_eos=True, words=4))
+    outputs, _ = drain(engine)
+    first, *rest = outputs["a"]
+    assert first.prefill_s is not None and first.prefill_s >= 0
+    assert all(out.prefill_s is None for out in rest)

@@ -21,7 +21,7 @@ IMAGE_URL = data_url(png_bytes(64, 48, (10, 200, 30)))
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
-OUR_SPANS = {"POST /v1/chat/completions", "images.decode_and_tile", "engine.queue_and_prefill", "engine.decode"}
+OUR_SPANS = {"POST /v1/chat/completions", "images.decode_and_tile", "engine.queue", "engine.prefill", "engine.decode"}
 
 
 @pytest.fixture
@@ -70,7 +70,12 @@ def test_a_request_continues_the_callers_trace_with_our_spans(spans):
     # The batch it decoded in: alone, one row in every step.
     assert (decode["caption.decode_batch_min"], decode["caption.decode_batch_max"],
             decode["caption.decode_batch_mean"]) == (1, 1, 1.0)
-    assert finished["engine.queue_and_prefill"].attributes["caption.prompt_tokens"] == 7 + 13 * 256
+    assert finished["engine.prefill"].attributes["caption.prompt_tokens"] == 7 + 13 * 256
+    assert finished["engine.queue"].attributes["caption.tiles"] == 13
+    # One after the other: the wait for a slot, the prefill (as long as the engine says it took), decoding.
+    queue, prefill, decoding = (finished[n] for n in ("engine.queue", "engine.prefill", "engine.decode"))
+    assert queue.start_time <= queue.end_time == prefill.start_time <= prefill.end_time == decoding.start_time
+    assert prefill.end_time - prefill.start_time > 0
     assert server.attributes["http.response.status_code"] == 200 and server.attributes["caption.images"] == 1
     # Nothing of the request's content: no image data, no prompt text.
     dumped = "".join(span.to_json() for span in spans.get_finished_spans())
