@@ -58,6 +58,17 @@ def _assert_cut_off_503(response) -> None:
     assert error["code"] == "service_unavailable" and set(error) == {"message", "type", "param", "code"}
 
 
+def _signal_again(service: Service, threads, send) -> tuple[int, float, str]:
+    """The second signal: the exit code, how long the exit took, and the log."""
+    stopped_at = time.monotonic()
+    send()
+    code = service.proc.wait(15)
+    elapsed = time.monotonic() - stopped_at
+    for t in threads:
+        t.join(10)
+    return code, elapsed, service.log_path.read_text(errors="replace")
+
+
 def _assert_quiet(log: str) -> None:
     for needle in ("Traceback", "CancelledError", "SIGKILL", "Forcibly killing"):
         assert needle not in log, log
@@ -77,13 +88,7 @@ def test_a_second_ctrl_c_to_the_group_cuts_requests_off_with_503_and_exits_130(t
             raise AssertionError("a new connection was taken during the drain")
         except requests.ConnectionError:
             assert time.monotonic() - refused_at < 1, "the connection waited instead of being refused"
-        stopped_at = time.monotonic()
-        os.killpg(service.proc.pid, signal.SIGINT)
-        code = service.proc.wait(15)
-        elapsed = time.monotonic() - stopped_at
-        for t in threads:
-            t.join(10)
-        log = service.log_path.read_text(errors="replace")
+        code, elapsed, log = _signal_again(service, threads, lambda: os.killpg(service.proc.pid, signal.SIGINT))
     finally:
         service.stop()
     assert code == 128 + signal.SIGINT and elapsed < 6, (code, elapsed, log)
@@ -103,13 +108,7 @@ def test_a_second_sigterm_to_the_main_process_cuts_requests_off_and_exits_143(tm
         service.proc.send_signal(signal.SIGTERM)  # Docker and Kubernetes signal the main process only
         time.sleep(0.5)
         assert requests.post(service.chat_url, json=BODY, timeout=5).status_code == 503  # draining
-        stopped_at = time.monotonic()
-        service.proc.send_signal(signal.SIGTERM)
-        code = service.proc.wait(15)
-        elapsed = time.monotonic() - stopped_at
-        for t in threads:
-            t.join(10)
-        log = service.log_path.read_text(errors="replace")
+        code, elapsed, log = _signal_again(service, threads, lambda: service.proc.send_signal(signal.SIGTERM))
     finally:
         service.stop()
     assert code == 128 + signal.SIGTERM and elapsed < 6, (code, elapsed, log)
