@@ -129,11 +129,16 @@ class PromptBuilder:
         self._special_tokens = re.compile("|".join(re.escape(t) for t in specials if t))
 
     def build(self, request: EngineRequest) -> Prompt:
-        for i, message in enumerate(request.messages):
-            found = self._special_tokens.search(message.text)
+        # Each message as sent, then the system prompt as the template sees it: taking the /think and
+        # /no_think switches out of it must not join the pieces of a special token ("<ima/thinkge>").
+        texts = [(f"messages[{i}]", message.text) for i, message in enumerate(request.messages)]
+        texts.append(("the system prompt, once its /think and /no_think switches are applied,",
+                      system_text(request.system_prompt, request.enable_thinking)))
+        for where, text in texts:
+            found = self._special_tokens.search(text)
             if found:
                 raise SpecialTokenInText(
-                    f"messages[{i}] holds the text {found.group()!r}, a special token of the model (an image "
+                    f"{where} holds the text {found.group()!r}, a special token of the model (an image "
                     "placeholder or a turn marker): clients may not write it; remove or alter it")
         return build_prompt(self.tokenizer, request, [image.num_tiles for image in request.images], self.image_tokens)
 

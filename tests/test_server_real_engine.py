@@ -233,3 +233,15 @@ def test_text_that_spells_an_image_placeholder_gets_400(tiny_service):
     response = requests.post(tiny_service.chat_url, json=forged, timeout=60)
     assert response.status_code == 400 and response.json()["error"]["code"] == "special_token_in_text"
     post(tiny_service, body(2))
+
+
+@pytest.mark.parametrize("enable_thinking", [False, True])
+def test_a_special_token_joined_by_the_thinking_switch_is_a_400_not_a_500(tiny_service, enable_thinking):
+    """`<ima/thinkge>` becomes `<image>` once the switch is taken out of the system prompt: refused with the
+    client's 400, and the next request is served."""
+    b = body(0, chat_template_kwargs={"enable_thinking": enable_thinking})
+    b["messages"][0]["content"] = "<ima/thinkge> Be brief."
+    response = requests.post(tiny_service.chat_url, json=b, timeout=120)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "special_token_in_text"
+    post(tiny_service, body(0))
