@@ -15,7 +15,7 @@ import re
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import ImageError
+from service.errors import ImageError, shown
 from service.remote_images import REMOTE_DISABLED, RemoteImagePolicy, fetch_image
 
 SUPPORTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg"}
@@ -45,7 +45,7 @@ def decode_data_url(url: str, max_pixels: int, limit_name: str = "MAX_IMAGE_PIXE
     """Decode a PNG or JPEG data URL into an RGB image (transparency flattened onto white)."""
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0][:16] if ":" in url else ""
-        raise ImageError(f"unsupported image URL scheme '{scheme}'; use data:image/png;base64,... or "
+        raise ImageError(f"unsupported image URL scheme '{shown(scheme)}'; use data:image/png;base64,... or "
                          "data:image/jpeg;base64,..." if scheme else
                          "image URL is not a data URL; use data:image/png;base64,...")
     match = _DATA_URL.match(url)
@@ -53,7 +53,7 @@ def decode_data_url(url: str, max_pixels: int, limit_name: str = "MAX_IMAGE_PIXE
         raise ImageError("malformed data URL: expected data:image/png;base64,<base64 data>")
     mime = (match.group("mime") or "").lower()
     if mime not in _MIME_ALIASES:
-        raise ImageError(f"unsupported image type '{mime or 'none'}' in data URL; PNG and JPEG are supported")
+        raise ImageError(f"unsupported image type '{shown(mime) or 'none'}' in data URL; PNG and JPEG are supported")
     # MIME-style base64 wraps lines; whitespace carries no data.
     payload = "".join(url[match.end():].split())
     if not payload:

@@ -21,7 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import certifi
 import urllib3
 
-from service.errors import ImageError
+from service.errors import ImageError, shown
 
 REMOTE_DISABLED = ("remote image URLs are disabled on this server (the operator can enable them with "
                    "ALLOW_REMOTE_IMAGES=1); send the image inline as a data:image/png;base64,... URL")
@@ -32,8 +32,10 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # The IANA special-purpose address registries (IPv4: RFC 6890 and updates; IPv6 likewise), written down
 # here so that what counts as public does not depend on the Python version: 3.11's `is_global` calls
 # 192.0.0.192 (a cloud metadata address) and fec0::1 public. Every block listed is refused, including
-# the few the registry marks globally reachable (anycast services an image host never is).
+# the few the registry marks globally reachable (anycast services an image host never is). Also refused:
+# 168.63.129.16, a public address that every Azure VM reaches as its host's metadata and DHCP service.
 _SPECIAL_V4 = tuple(ipaddress.ip_network(n) for n in (
+    "168.63.129.16/32",
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24", "192.168.0.0/16",
     "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4"))
@@ -78,7 +80,7 @@ def resolve(host: str, port: int) -> list[IPAddress]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise ImageError(f"image host '{host}' could not be resolved") from None
+        raise ImageError(f"image host '{shown(host)}' could not be resolved") from None
     # scope ids ("fe80::1%eth0") are dropped: such addresses are link-local and refused anyway
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
@@ -93,12 +95,12 @@ def fetch_image(url: str, policy: RemoteImagePolicy, *,
     for _ in range(MAX_REDIRECTS + 1):
         scheme, host, port, target = _check_url(url, policy)
         if first_host is not None and host != first_host:
-            raise ImageError(f"image URL redirects to another host ('{host}'); only same-host redirects "
+            raise ImageError(f"image URL redirects to another host ('{shown(host)}'); only same-host redirects "
                              "are followed")
         first_host = first_host or host
         addresses = _resolve(host, port)
         if not addresses or not all(_is_allowed_address(a) for a in addresses):
-            raise ImageError(f"image host '{host}' is not a public address (loopback, private, link-local "
+            raise ImageError(f"image host '{shown(host)}' is not a public address (loopback, private, link-local "
                              "and other internal addresses are refused)")
         status, location, raw = _get(scheme, host, port, target, addresses[0], policy, deadline)
         if status in (301, 302, 303, 307, 308):
@@ -129,7 +131,7 @@ def _check_url(url: str, policy: RemoteImagePolicy) -> tuple[str, str, int, str]
     if not host:
         raise ImageError("image URL has no host")
     if not policy.host_allowed(host):
-        raise ImageError(f"image host '{host}' is not in this server's allowlist (REMOTE_IMAGE_HOSTS)")
+        raise ImageError(f"image host '{shown(host)}' is not in this server's allowlist (REMOTE_IMAGE_HOSTS)")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.scheme, host, port, target
 

@@ -285,3 +285,11 @@ def test_the_request_pixel_budget_is_checked_on_headers_across_images():
     assert refused.value.status == 400 and refused.value.param == "messages.1.content.3.image_url"
     assert "MAX_REQUEST_PIXELS" in refused.value.message and "2000000 pixels" in refused.value.message
     assert len(build_job(request, JobLimits(**limits, max_request_pixels=15_000_000)).images) == 3
+
+
+@pytest.mark.parametrize("url", ["data:image/" + "x" * 1_000_000 + ";base64,AAAA",
+                                 "x" * 1_000_000 + "://example.com/a.png"], ids=["mime", "scheme"])
+def test_a_huge_mime_type_or_scheme_is_not_echoed_whole(mock_service, auth_headers, url):
+    r = requests.post(mock_service.chat_url, json=nv_ingest_body(url), headers=auth_headers, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert len(r.text) < 1000 and "..." in r.json()["error"]["message"]

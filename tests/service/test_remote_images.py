@@ -225,7 +225,7 @@ def test_public_addresses_are_allowed_by_the_production_check():
     "192.88.99.1", "192.168.1.1", "198.18.0.1", "198.51.100.7", "203.0.113.9", "224.0.0.1", "240.0.0.1",
     "255.255.255.255", "::", "::1", "::127.0.0.1", "fc00::1", "fd12::1", "fe80::1", "ff02::1", "100::1",
     "2001::1", "2001:db8::1", "2002:c000:0201::1", "3fff::1", "5f00::1", "64:ff9b:1::1", "64:ff9b::a00:1",
-    "::ffff:10.0.0.1", "::ffff:169.254.169.254",
+    "::ffff:10.0.0.1", "::ffff:169.254.169.254", "168.63.129.16", "::ffff:168.63.129.16",
 ])
 def test_special_purpose_addresses_are_not_public(text):
     assert not is_public_address(ipaddress.ip_address(text)), text
