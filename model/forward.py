@@ -16,16 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from transformers import NemotronHForCausalLM
 
 from model import kernels
 from model.state_pool import ATTENTION, MAMBA, StatePool
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,9 +67,9 @@ class SlotForward:
         of the sequence in slots[i], embeds[i] is (n_i, hidden). Returns the logits at each chunk's last
         position, (len(slots), vocab).
 
-        Chunks are right-padded to the longest. Padding never reaches a sequence's state: its Mamba
-        time step is zero (the state neither decays nor takes input), its inputs are zeroed, its keys are
-        not written, and no real position attends to it.
+        Chunks are right-padded to the longest. Padding never reaches a sequence's state: the Mamba
+        convolution and scan stop at each row's length, its keys are not written, and no real position
+        attends to it.
         """
         self.pool.reset_slots([slot for slot, start in zip(slots, starts) if start == 0])
         rows, width = len(slots), max(e.shape[0] for e in embeds)

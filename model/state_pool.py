@@ -49,7 +49,7 @@ class StatePool:
     def __init__(self, config: NemotronHConfig, num_slots: int, max_seq_len: int, dtype: torch.dtype,
                  ssm_dtype: torch.dtype, device: torch.device):
         shape = PoolShape.of(config)
-        self.shape, self.num_slots, self.max_seq_len = shape, num_slots, max_seq_len
+        self.shape, self.num_slots, self.max_seq_len, self.device = shape, num_slots, max_seq_len, device
         self.scratch = num_slots
         num_slots += 1
         # Indexed by the model's layer number, so a layer finds its own state directly.
@@ -76,8 +76,7 @@ class StatePool:
         """`reset` for several slots at once: one kernel per state tensor, whatever the number of slots."""
         if not slots:
             return
-        device = next(iter(self.conv.values())).device if self.conv else None
-        index = torch.tensor(slots, device=device) if len(slots) > 1 else slots[0]
+        index = torch.tensor(slots, device=self.device) if len(slots) > 1 else slots[0]
         for state in (*self.conv.values(), *self.ssm.values()):
             state[index] = 0
         for slot in slots:

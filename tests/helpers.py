@@ -240,3 +240,14 @@ def mock_caption_for(image, max_tiles: int = 12) -> str:
     shape = "wide" if w > h else "tall" if h > w else "square"
     return (f"A {tone} {shape} image of {w}x{h} pixels with mean colour #{red:02x}{green:02x}{blue:02x} "
             f"and content hash {digest[:10]}.")
+
+
+def wait_in_flight(service, n: int, timeout: float = 10.0) -> None:
+    """Wait until `n` requests are admitted (from /metrics), so that a signal finds them in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in requests.get(f"{service.url}/metrics", timeout=5).text.splitlines():
+            if line.startswith("caption_requests_in_flight ") and float(line.split()[1]) >= n:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{n} requests never got in flight")

@@ -14,6 +14,8 @@ import os
 import torch
 
 _TRITON_DISABLED = os.environ.get("CAPTION_DISABLE_TRITON", "").strip().lower() not in ("", "0", "false", "no")
+# Triton reads TRITON_INTERPRET when it is imported too: a value set later would change nothing.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 triton = None
 tl = None
@@ -43,7 +45,7 @@ def runs_on(device: torch.device) -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     # Under the interpreter the kernels run on CPU tensors too (the tests of the kernels in the model).
-    return (t.is_cuda or interpreting() or _forced) and triton_available()
+    return (t.is_cuda or _INTERPRETING or _forced) and triton_available()
 
 
 def force_triton(on: bool) -> None:
@@ -67,7 +69,7 @@ def require_triton() -> None:
 def interpreting() -> bool:
     """Under TRITON_INTERPRET=1 (the CPU tests), whose tl.dot gives garbage for bfloat16 operands: kernels
     then upcast their dot operands to float32, and everything else runs as compiled."""
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+    return _INTERPRETING
 
 
 def dot_precision(dtype: torch.dtype) -> str:

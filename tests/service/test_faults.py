@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from service.lifecycle import WORKER_DIED_EXIT_CODE
-from tests.helpers import data_url, nv_ingest_body, png_bytes
+from tests.helpers import data_url, nv_ingest_body, png_bytes, wait_in_flight
 
 BODY = nv_ingest_body(data_url(png_bytes()))
 CAPTION_WORDS = 15  # the mock caption of this image: one word per MOCK_TOKEN_DELAY
@@ -42,17 +42,6 @@ ONE_PLACE = settings(MAX_QUEUED_REQUESTS=1, MAX_BATCH_SIZE=1, MOCK_TOKEN_DELAY=0
 THREE_PLACES = settings(MAX_QUEUED_REQUESTS=3)
 # A drain that has the time to finish.
 DRAIN = settings(SHUTDOWN_GRACE_PERIOD=30)
-
-
-def wait_in_flight(service, n: int, timeout: float = 10.0) -> None:
-    """Wait until `n` requests are admitted (from /metrics), so that a signal finds them in flight."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in requests.get(f"{service.url}/metrics", timeout=5).text.splitlines():
-            if line.startswith("caption_requests_in_flight ") and float(line.split()[1]) >= n:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"{n} requests never got in flight")
 
 
 def in_background(service, n: int, body: dict = BODY) -> tuple[list[threading.Thread], list[requests.Response]]:

@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from tests.helpers import Service, data_url, nv_ingest_body, png_bytes
+from tests.helpers import Service, data_url, nv_ingest_body, png_bytes, wait_in_flight
 
 # Each mock word takes 1 s: a caption runs for about 16 s, far longer than these tests wait.
 SLOW = {"ENABLE_MOCK_INFERENCE": "1", "NIM_REQUIRE_AUTH": "0", "MOCK_TOKEN_DELAY": "1",
@@ -39,16 +39,6 @@ def _in_background(service: Service, bodies: list[dict]) -> tuple[list[threading
     for t in threads:
         t.start()
     return threads, results
-
-
-def _wait_in_flight(service: Service, n: int) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for line in requests.get(f"{service.url}/metrics", timeout=5).text.splitlines():
-            if line.startswith("caption_requests_in_flight ") and float(line.split()[1]) >= n:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"{n} requests never got in flight")
 
 
 def _assert_cut_off_503(response) -> None:
@@ -78,7 +68,7 @@ def test_a_second_ctrl_c_to_the_group_cuts_requests_off_with_503_and_exits_130(t
     service = Service(SLOW, tmp_path / "server.log")
     try:
         threads, results = _in_background(service, [BODY, {**BODY, "stream": True}])
-        _wait_in_flight(service, 2)
+        wait_in_flight(service, 2, timeout=20)
         assert results["streaming"].wait(10)
         os.killpg(service.proc.pid, signal.SIGINT)  # Ctrl+C in a terminal
         time.sleep(0.5)
@@ -104,7 +94,7 @@ def test_a_second_sigterm_to_the_main_process_cuts_requests_off_and_exits_143(tm
     service = Service(SLOW, tmp_path / "server.log")
     try:
         threads, results = _in_background(service, [BODY])
-        _wait_in_flight(service, 1)
+        wait_in_flight(service, 1, timeout=20)
         service.proc.send_signal(signal.SIGTERM)  # Docker and Kubernetes signal the main process only
         time.sleep(0.5)
         assert requests.post(service.chat_url, json=BODY, timeout=5).status_code == 503  # draining
