@@ -128,14 +128,19 @@ class Run:
             self.results["errors"][name] = message
             return default
 
+    @property
+    def quantization(self) -> str:
+        """"bf16" or "fp8": the weights whose roofline applies (the tiny run's float32 is scored against none)."""
+        return "fp8" if self.results["quantization"] == "fp8" else "bf16"
+
     def set_card(self, measured_bandwidth: float | None, measured_flops: float | None) -> None:
         self.gpu = card(self.results["device"], measured_bandwidth, measured_flops)
-        self.results["roofline"] = figures(gpu=self.gpu)
+        self.results["roofline"] = figures(gpu=self.gpu, quantization=self.quantization)
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.results["roofline"] is None:
-            self.results["roofline"] = figures(gpu=self.gpu)
+            self.results["roofline"] = figures(gpu=self.gpu, quantization=self.quantization)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n")
         (self.out / "results.md").write_text(markdown(self.results, self.extra))
         (self.out / "extra.json").write_text(json.dumps(self.extra, indent=2) + "\n")
@@ -404,7 +409,7 @@ def in_process(run: Run, checkpoint: Path, device: str, load_format: str, compar
             f"{run.gpu.bf16_flops / 1e12:.0f} TFLOP/s); measured {run.results['measured_bandwidth_tb_s']} TB/s, "
             f"{run.results['measured_gemm_tflops']} TFLOP/s")
         if bandwidth:
-            run.extra["decode_floor_ms_at_measured_bandwidth"] = round(weights_floor_ms(bandwidth), 3)
+            run.extra["decode_floor_ms_at_measured_bandwidth"] = round(weights_floor_ms(bandwidth, run.quantization), 3)
     with run.phase("load"):
         if big:
             torch.cuda.reset_peak_memory_stats(torch_device)
@@ -620,7 +625,10 @@ def markdown(results: dict, extra: dict | None = None) -> str:
                  f"`python server.py` over HTTP (closed loop of {BATCH} clients, answers counted in a window after a "
                  f"warm-up; {OUTPUT_TOKENS}-token captions, EOS ignored, temperature 1.0).", "",
                  f"Roofline: bench/roofline.py for **{roof.get('device')}** ({roof.get('bandwidth_tb_s')} TB/s, "
-                 f"{roof.get('tflops')} TFLOP/s dense bf16). Measured on this card: device-to-device copy "
+                 f"{roof.get('tflops')} TFLOP/s dense bf16"
+                 + (f", {roof.get('fp8_tflops')} TFLOP/s dense FP8 for the FP8 linears, whose weights it counts at one "
+                    "byte" if roof.get("quantization") == "fp8" else "")
+                 + "). Measured on this card: device-to-device copy "
                  f"{_fmt(results['measured_bandwidth_tb_s'])} TB/s "
                  f"({share(results['measured_bandwidth_tb_s'], roof.get('bandwidth_tb_s'), True)} of the spec), "
                  f"bf16 GEMM 8192^3 {_fmt(results['measured_gemm_tflops'])} TFLOP/s "
@@ -638,7 +646,8 @@ def markdown(results: dict, extra: dict | None = None) -> str:
     floor = extra.get("decode_floor_ms_at_measured_bandwidth")
     one = (results.get("decode_ms_per_token") or {}).get("1")
     if floor and one and not tiny:
-        lines.append(f"| decode batch 1 over the measured-bandwidth floor (target <= 1.35x) | {one / floor:.2f}x | "
+        target = 1.5 if results.get("quantization") == "fp8" else 1.35
+        lines.append(f"| decode batch 1 over the measured-bandwidth floor (target <= {target}x) | {one / floor:.2f}x | "
                      f"{floor} ms | {share(one, floor, False)} |")
     for key, value in (results.get("prefill_ms") or {}).items():
         bound = (roof.get("prefill_ms") or {}).get(key)
@@ -737,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
                         "skipped to end within it")
     p.add_argument("--quantization", choices=("bf16", "fp8"), default="bf16",
                    help="fp8: random FP8 weights with per-tensor scales in the language model's linears (W8A8 from "
-                        "compute capability 8.9); the roofline stays the bf16 one, so its shares understate FP8")
+                        "compute capability 8.9), scored against the roofline of FP8 linears; results in "
+                        "bench/results/<card>/fp8 by default")
     args = p.parse_args(argv)
     if args.tiny and args.quantization != "bf16":
         p.error("--quantization is for the full-size model on a GPU")
@@ -752,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         checkpoint, device, load_format = write_dummy_checkpoint(work / "full"), "cuda", "dummy"
         name = torch.cuda.get_device_name(0)
-    out = (args.out or ROOT / "bench" / "results" / card(name).slug).resolve()
+    default_out = ROOT / "bench" / "results" / card(name).slug
+    out = (args.out or (default_out / "fp8" if args.quantization == "fp8" else default_out)).resolve()
     # A copy of the tree on another machine may carry stale git metadata: BENCH_COMMIT names the commit sent.
     run = Run(out, name, os.environ.get("BENCH_COMMIT") or git_commit(), args.tiny)
     if not args.tiny:

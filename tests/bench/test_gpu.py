@@ -72,6 +72,21 @@ def test_report_scores_each_figure_against_the_cards_own_bound(tmp_path):
     assert "nan" not in md
 
 
+def test_an_fp8_run_is_scored_against_the_fp8_roofline(tmp_path):
+    run = gpu.Run(tmp_path, "NVIDIA H200", "abc1234", tiny=False)
+    run.results["quantization"] = "fp8"
+    run.set_card(4.3e12, 700e12)
+    run.results["decode_ms_per_token"] = {"1": 4.0}
+    run.extra["decode_floor_ms_at_measured_bandwidth"] = gpu.weights_floor_ms(4.3e12, run.quantization)
+    run.save()
+    roof = json.loads((tmp_path / "results.json").read_text())["roofline"]
+    assert roof["quantization"] == "fp8" and roof["fp8_tflops"] == 1979.0
+    assert roof["decode_ms_per_token"] == figures(gpu=run.gpu, quantization="fp8")["decode_ms_per_token"]
+    assert roof["decode_ms_per_token"]["1"] < figures(gpu=run.gpu)["decode_ms_per_token"]["1"] * 0.6
+    md = (tmp_path / "results.md").read_text()
+    assert "1979.0 TFLOP/s dense FP8 for the FP8 linears" in md and "(target <= 1.5x)" in md
+
+
 @pytest.mark.slow
 def test_tiny_run_writes_every_figure(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--out", str(tmp_path)], cwd=ROOT,

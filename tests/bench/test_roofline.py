@@ -94,3 +94,41 @@ def test_figures_carry_the_cards_bounds():
     steps = h200["prefill_step_ms"]
     assert steps["7x1_tile"] == pytest.approx(7 * steps["1x1_tile"], rel=1e-3)
     assert set(steps) == {"1x1_tile", "4x1_tile", "7x1_tile", "13_tiles_first_2048"}
+
+
+def test_fp8_linears_are_the_projections_of_the_native_model():
+    """The weights an FP8 checkpoint quantizes: every nn.Linear of the 62 layers (lm_head stays bf16)."""
+    lm = LMArch()
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(native_lm_config(lm))
+    layers = model.model.layers if hasattr(model, "model") else model.backbone.layers
+    linears = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    assert lm.fp8_linear_params() == linears
+    assert lm.streamed_bytes("fp8") == lm.streamed_bytes("bf16") - linears
+    assert lm.streamed_bytes("bf16") == 2 * lm.streamed_params()
+
+
+def test_fp8_roofline_reads_half_the_linear_bytes_and_runs_them_at_the_fp8_peak():
+    h200, a100 = roofline.card("NVIDIA H200"), roofline.card("NVIDIA A100-SXM4-80GB")
+    bf16, fp8 = roofline.figures(gpu=h200), roofline.figures(gpu=h200, quantization="fp8")
+    assert (bf16["quantization"], fp8["quantization"]) == ("bf16", "fp8")
+    # Batch-1 decode is weight-bound: about 12.3 GB against 23.3 GB.
+    ratio = fp8["decode_ms_per_token"]["1"] / bf16["decode_ms_per_token"]["1"]
+    assert 0.5 < ratio < 0.56
+    assert roofline.weights_floor_ms(4.8e12, "fp8") / roofline.weights_floor_ms(4.8e12) == pytest.approx(ratio, rel=0.02)
+    # Prefill: the language model's linears at twice the bf16 rate, the vision encoder at bf16.
+    assert fp8["prefill_ms"]["1_tile"] < bf16["prefill_ms"]["1_tile"]
+    assert fp8["vit_ms_per_tile"] == bf16["vit_ms_per_tile"]
+    assert fp8["captions_per_s"]["1tile_128tok_c64"] > bf16["captions_per_s"]["1tile_128tok_c64"]
+    # A card without FP8 tensor cores reads fewer bytes but computes at the bf16 rate.
+    assert a100.fp8_flops == 0
+    slow = roofline.figures(gpu=a100, quantization="fp8")
+    assert slow["prefill_ms"] == roofline.figures(gpu=a100)["prefill_ms"]
+    assert slow["decode_ms_per_token"]["1"] < roofline.figures(gpu=a100)["decode_ms_per_token"]["1"]
+    assert roofline.card("Tesla V100-SXM2-16GB").fp8_flops == 0
+
+
+def test_report_for_fp8_says_so(capsys):
+    assert roofline.main(["--card", "H200", "--quantization", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "FP8 linears" in out and "1979 TFLOP/s FP8" in out and "| weight bytes per step | 12.31 GB |" in out
